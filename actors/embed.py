@@ -1,0 +1,132 @@
+"""Embed stage: a Ray Data callable class around any transformers vision backbone.
+
+Models load by Hugging Face id or local path through the transformers classes, so a
+tiny model saved with `save_pretrained` in a test goes through the same code as
+`facebook/dinov2-small`. Dual encoders (CLIP, SigLIP) load only their vision tower with
+its projection. Output vectors are L2-normalised, so inner product = cosine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoConfig
+
+log = logging.getLogger(__name__)
+
+POOLINGS = ("auto", "cls", "mean", "gem")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Dual encoders: the class that holds just the vision tower and the image projection.
+VISION_TOWER_CLASS = {
+    "clip": "CLIPVisionModelWithProjection",
+    "siglip": "SiglipVisionModel",
+    "siglip2": "Siglip2VisionModel",
+}
+
+
+def _size_of(value) -> int | None:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict):
+        return value.get("height") or value.get("shortest_edge") or value.get("width")
+    return None
+
+
+def load_preprocessing(model: str, image_size: int | None = None) -> dict:
+    """Input size and normalisation the backbone was trained with, from its saved processor.
+
+    Reads `preprocessor_config.json` as plain JSON (no image-processor class, so no
+    torchvision); falls back to the model config's image_size and ImageNet statistics.
+    """
+    from transformers.utils import cached_file
+
+    path = cached_file(model, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    proc = json.load(open(path)) if path else {}
+    config = AutoConfig.from_pretrained(model)
+    vision = getattr(config, "vision_config", None) or config
+    size = image_size
+    if size is None and proc:
+        size = _size_of(proc.get("crop_size")) if proc.get("do_center_crop") else None
+        size = size or _size_of(proc.get("size"))
+    size = int(size or getattr(vision, "image_size", 224))
+    mean = tuple(float(x) for x in proc.get("image_mean", IMAGENET_MEAN))
+    std = tuple(float(x) for x in proc.get("image_std", IMAGENET_STD))
+    return {"resize": "long_side_letterbox", "image_size": size, "image_mean": mean, "image_std": std,
+            "fill": [int(round(m * 255)) for m in mean]}
+
+
+def load_vision_model(model: str) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(model)
+    name = VISION_TOWER_CLASS.get(config.model_type)
+    if name is None and config.architectures:
+        name = config.architectures[0] if hasattr(transformers, config.architectures[0]) else None
+    cls = getattr(transformers, name) if name else transformers.AutoModel
+    return cls.from_pretrained(model).eval()
+
+
+def pool_tokens(hidden: torch.Tensor, pooling: str, prefix_tokens: int, gem_p: float) -> torch.Tensor:
+    """Global descriptor from token features: CLS, mean of patch tokens, or GeM of patch tokens."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    patches = hidden[:, prefix_tokens:] if hidden.shape[1] > prefix_tokens else hidden
+    if pooling == "mean":
+        return patches.mean(1)
+    if pooling == "gem":
+        return patches.clamp(min=1e-6).pow(gem_p).mean(1).pow(1.0 / gem_p)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+class EmbedImages:
+    """Ray Data callable class: decoded rows in, rows with a float16 `embedding` out.
+
+    Rows that failed to decode pass through with a zero vector and are never run
+    through the model. On CUDA the forward pass runs under bf16/fp16 autocast.
+    """
+
+    def __init__(self, model: str, image_size: int, image_mean, image_std, pooling: str = "auto", gem_p: float = 3.0,
+                 dtype: str = "auto", device: str = "auto", num_threads: int | None = None):
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if num_threads:
+            torch.set_num_threads(max(1, int(num_threads)))
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
+        self.autocast = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+        if self.device.type != "cuda":
+            self.autocast = None  # CPU inference stays float32: bf16 on CPU is slower and less exact
+        self.model = load_vision_model(model).to(self.device)
+        self.pooling, self.gem_p = pooling, gem_p
+        config = self.model.config
+        self.prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
+        self.mean = torch.tensor(image_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(image_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
+        # One warm-up forward: fixes the output width, so all-failed batches keep the same shape.
+        self.dim = self.embed_pixels(np.zeros((1, image_size, image_size, 3), np.uint8)).shape[1]
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, S, S, 3) uint8 -> (B, D) float32, L2-normalised."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2).float()
+        x = (x - self.mean) / self.std
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.model(pixel_values=x)
+            if self.pooling == "auto":
+                vec = getattr(out, "image_embeds", None)
+                if vec is None:
+                    vec = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+            else:
+                vec = pool_tokens(out.last_hidden_state, self.pooling, self.prefix_tokens, self.gem_p)
+        vec = torch.nn.functional.normalize(vec.float(), dim=-1)
+        return vec.cpu().numpy()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        ok = batch["ok"].astype(bool)
+        embedding = np.zeros((len(ok), self.dim), np.float16)
+        if ok.any():
+            embedding[ok] = self.embed_pixels(pixels[ok]).astype(np.float16)
+        batch["embedding"] = embedding
+        return batch

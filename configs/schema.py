@@ -1,0 +1,178 @@
+"""Job configs: one validated object per job, from YAML, CLI shortcuts and `--set a.b=value`.
+
+Precedence: defaults < YAML file < CLI shortcuts (positional URIs, --model) < --set.
+Every error names the field and, where the field is a choice, the allowed values.
+Credentials never live here: storage.options refuses key/secret/token-like entries.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from storage.uris import find_credential_options
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(Section):
+    uri: str | None = None
+    format: Literal["auto", "files", "webdataset", "parquet"] = "auto"
+    image_extensions: list[str] | None = None  # None: the built-in list (jpg, png, webp, tiff, gif, svg, ...)
+    image_column: str = "image"
+    key_column: str | None = "key"
+
+
+class ModelConfig(Section):
+    name: str | None = None  # Hugging Face id or local path of a vision backbone
+    pooling: Literal["auto", "cls", "mean", "gem"] = "auto"
+    gem_p: float = Field(3.0, gt=0)
+    image_size: int | None = Field(None, gt=0)  # None: from the model's preprocessor config
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class DecodeConfig(Section):
+    max_pixels: int = Field(89_478_485, gt=0)  # refuse larger images before decoding (decompression bombs)
+    max_bytes: int = Field(64 * 2**20, gt=0)
+    batch_size: int = Field(32, gt=0)
+    num_cpus: float = Field(0.5, gt=0)
+
+
+class EmbedConfig(Section):
+    batch_size: int = Field(64, gt=0)
+    concurrency: int | None = Field(None, gt=0)  # None: one actor per GPU, or one on a CPU-only cluster
+    num_gpus: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
+    num_cpus: float | None = Field(None, gt=0)  # None: 1 with a GPU; on CPU a share that leaves room for decode
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class IndexConfig(Section):
+    uri: str | None = None
+    factory: str = "auto"  # "auto" sizes IVF-PQ from the gallery; or any FAISS factory, e.g. "IVF4096,PQ48"
+    metric: Literal["ip", "l2"] = "ip"
+    shard_size: int = Field(1_000_000, gt=0)  # vectors per shard file
+    train_sample_max: int = Field(1_000_000, gt=0)
+    nprobe: int = Field(32, gt=0)  # default for searches, recorded in the manifest
+    rescore: int = Field(200, ge=0)  # default exact re-score shortlist for searches
+    use_gpu: bool = True  # train/add with faiss-gpu when the node has GPUs
+
+
+class RunConfig(Section):
+    part_size: int = Field(4096, gt=0)  # images per resumable unit of work
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray instance
+    seed: int = 0
+
+
+class StorageConfig(Section):
+    options: dict[str, Any] = Field(default_factory=dict)  # fsspec storage_options, e.g. {endpoint_url: ...}
+    allowed_roots: list[str] = Field(default_factory=list)  # when set, every URI must be under one of them
+
+    @field_validator("options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        bad = find_credential_options(options)
+        if bad:
+            raise ValueError(
+                f"credentials are not accepted in configs ({', '.join(bad)}); use AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN or the instance role instead"
+            )
+        return options
+
+
+class IndexJobConfig(Section):
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    def require(self) -> "IndexJobConfig":
+        """Fields without a default that a run needs (they may come from the CLI)."""
+        missing = [f for f, v in (("source.uri", self.source.uri), ("index.uri", self.index.uri), ("model.name", self.model.name)) if not v]
+        if missing:
+            raise ConfigError(f"missing required setting(s): {', '.join(missing)} (give them in the config file, "
+                              "as positional arguments / --model, or with --set)")
+        return self
+
+
+def _format_error(cls: type[BaseModel], err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{field}: unknown setting; allowed here: {', '.join(_allowed_names(cls, e['loc'][:-1]))}")
+        else:
+            lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _allowed_names(cls: type[BaseModel], loc: tuple) -> list[str]:
+    model = cls
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            break
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `section.field=value` (value parsed as YAML: numbers, booleans, lists, null)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.field=value")
+    path, raw = assignment.split("=", 1)
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {assignment!r}: empty field name")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {assignment!r}: {key} is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        node[keys[-1]] = raw
+
+
+def load_config(cls: type[BaseModel], path: str | None = None, shortcuts: dict[str, Any] | None = None,
+                overrides: list[str] | None = None) -> Any:
+    """Build a job config from a YAML file, CLI shortcuts ({"a.b": value}) and --set overrides."""
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    for dotted, value in (shortcuts or {}).items():
+        if value is not None:
+            _set(data, dotted, value)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(cls, err)) from None
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *sections, last = dotted.split(".")
+    node = data
+    for key in sections:
+        node = node.setdefault(key, {})
+    node[last] = value

@@ -1,0 +1,270 @@
+"""Index job: gallery source -> decode -> embed -> IVF-PQ shards -> published version.
+
+Unit of resumable work is a *part* (run.part_size images, in source order). The plan
+(which images go in which part) is written once per version; each finished part leaves
+embeddings/, catalog/, failures/ files and then stats/part-NNNNN.json, the done marker.
+A re-run of the same job resumes the unpublished version and does only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, defaultdict
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from actors.decode import decode_batch
+from actors.embed import EmbedImages, load_preprocessing
+from configs.schema import ConfigError, IndexJobConfig
+from storage.catalog import CATALOG_SCHEMA, FAILURE_SCHEMA, embeddings_table
+from storage.faiss_store import default_factory, train_sample_size
+from storage.shard_store import TRAINED, build_shard, part_file, shard_file, train_version
+from storage.sources import DEFAULT_IMAGE_EXTENSIONS, SourceSpec, assign_ids, list_source, scan_container
+from storage.uris import Location, check_under_roots, redact
+from storage.versions import begin_version, fingerprint, publish
+
+log = logging.getLogger(__name__)
+
+
+class JobError(RuntimeError):
+    """The job cannot produce a version; the message says why and what was kept."""
+
+
+def source_spec(cfg: IndexJobConfig) -> SourceSpec:
+    exts = tuple(e.lower().lstrip(".") for e in cfg.source.image_extensions) if cfg.source.image_extensions else DEFAULT_IMAGE_EXTENSIONS
+    return SourceSpec(cfg.source.uri, cfg.source.format, exts, cfg.source.image_column, cfg.source.key_column, cfg.storage.options)
+
+
+# -- plan: list the source once per version --------------------------------------------
+def make_plan(version: Location, spec: SourceSpec, part_size: int) -> dict:
+    """List the source (containers scanned in parallel Ray tasks), cut it into parts, save it."""
+    listing = list_source(spec)
+    scan = ray.remote(num_cpus=0.5)(_scan_or_fail)
+    results = ray.get([scan.remote(uri, kind, etag, spec) for uri, kind, etag in listing.containers])
+    entries, skipped, failures = list(listing.files), Counter(listing.skipped), []
+    for found, skip, failure in results:
+        entries += found
+        skipped.update(skip)
+        failures += failure
+    table, duplicates = assign_ids(entries, spec.location().uri)
+    failures += duplicates
+    n_parts = max(1, -(-table.num_rows // part_size))
+    for p in range(n_parts):
+        part = table.slice(p * part_size, part_size)
+        version.write_parquet(part.append_column("part", pa.array(np.full(part.num_rows, p, np.int32))), "plan", part_file(p))
+    version.write_parquet(pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA), "failures", "listing.parquet")
+    plan = {"parts": n_parts, "entries": table.num_rows, "skipped": dict(skipped), "list_failures": len(failures),
+            "list_errors": dict(Counter(f["error_type"] for f in failures)),
+            "seen": table.num_rows + len(failures) + sum(skipped.values())}
+    version.write_json(plan, "plan", "plan.json")  # written last: the plan's done marker
+    return plan
+
+
+def _scan_or_fail(uri: str, kind: str, etag: str, spec: SourceSpec):
+    """A container that cannot be read (corrupt tar, bad Parquet) is one failures row."""
+    try:
+        entries, skipped = scan_container(uri, kind, etag, spec)
+        return entries, skipped, []
+    except Exception as exc:
+        row = {"image_id": None, "uri": uri, "key": None, "stage": "list", "error_type": type(exc).__name__, "message": str(exc)[:500]}
+        return [], Counter(), [row]
+
+
+# -- embed: stream parts through decode and embed actors ----------------------------------
+class PartWriter:
+    """Collects streamed rows per part; when a part is complete, writes its files and marker."""
+
+    def __init__(self, version: Location, expected: dict[int, int]):
+        self.version, self.expected = version, expected
+        self.rows: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
+        self.counts: Counter = Counter()
+        self.done: dict[int, dict] = {}
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for part in np.unique(batch["part"]):
+            sel = batch["part"] == part
+            self.rows[int(part)].append({k: v[sel] for k, v in batch.items()})
+            self.counts[int(part)] += int(sel.sum())
+            if self.counts[int(part)] == self.expected[int(part)]:
+                self.done[int(part)] = self._write(int(part))
+
+    def _write(self, part: int) -> dict:
+        chunks = self.rows.pop(part)
+        cols = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        ok = cols["ok"].astype(bool)
+        self.version.write_parquet(embeddings_table(cols["image_id"][ok], cols["embedding"][ok]), "embeddings", part_file(part))
+        catalog = {f.name: cols[f.name][ok] for f in CATALOG_SCHEMA}
+        self.version.write_parquet(pa.table(catalog, schema=CATALOG_SCHEMA), "catalog", part_file(part))
+        bad = ~ok
+        failures = {f.name: cols[f.name][bad] for f in FAILURE_SCHEMA}
+        self.version.write_parquet(pa.table(failures, schema=FAILURE_SCHEMA), "failures", part_file(part))
+        stats = {"part": part, "rows": int(len(ok)), "indexed": int(ok.sum()), "failed": int(bad.sum()),
+                 "errors": dict(Counter(cols["error_type"][bad].tolist())), "dim": int(cols["embedding"].shape[1])}
+        self.version.write_json(stats, "stats", part_file(part, "json"))  # the part's done marker
+        return stats
+
+
+def embed_resources(cfg: IndexJobConfig) -> dict:
+    """Actor resources that fit the cluster; on CPU, always leave room for decode tasks."""
+    cluster = ray.cluster_resources()
+    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    use_gpu = cfg.embed.device != "cpu" and (cfg.embed.num_gpus or 0) + gpus > 0 and cfg.embed.num_gpus != 0
+    num_gpus = (cfg.embed.num_gpus if cfg.embed.num_gpus is not None else 1) if use_gpu else 0
+    concurrency = cfg.embed.concurrency or (max(1, int(gpus // max(num_gpus, 1e-9))) if use_gpu else 1)
+    num_cpus = cfg.embed.num_cpus or (1.0 if use_gpu else max(0.5, cpus // 4))
+    if not use_gpu and num_cpus * concurrency > cpus - min(1, cfg.decode.num_cpus):
+        raise ConfigError(
+            f"embed.num_cpus x embed.concurrency = {num_cpus * concurrency:g} leaves no CPU for decode and write tasks "
+            f"on a cluster with {cpus:g} CPUs; lower embed.num_cpus (fractions are allowed) or embed.concurrency"
+        )
+    return {"num_gpus": num_gpus, "num_cpus": num_cpus, "concurrency": concurrency,
+            "device": "cuda" if use_gpu else "cpu", "num_threads": max(1, int(num_cpus))}
+
+
+def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: dict) -> dict[int, dict]:
+    tables = [version.read_parquet("plan", part_file(p)) for p in todo]
+    expected = {p: t.num_rows for p, t in zip(todo, tables)}
+    writer = PartWriter(version, expected)
+    for p in [p for p, n in expected.items() if n == 0]:
+        writer.done[p] = {"part": p, "rows": 0, "indexed": 0, "failed": 0, "errors": {}, "dim": 0}
+        version.write_json(writer.done[p], "stats", part_file(p, "json"))
+    tables = [t for t in tables if t.num_rows]
+    if not tables:
+        return writer.done
+    res = embed_resources(cfg)
+    # SPREAD puts decode on every CPU node. The two explicit, different strategies also keep
+    # Ray Data from fusing decode into the embed actors (it fuses ops whose remote args
+    # match), which would run all decoding serially inside the actors.
+    ds = ray.data.from_arrow(tables).map_batches(
+        decode_batch, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
+        scheduling_strategy="SPREAD",
+        fn_kwargs=dict(image_size=prep["image_size"], fill=tuple(prep["fill"]), max_pixels=cfg.decode.max_pixels,
+                       max_bytes=cfg.decode.max_bytes, storage_options=cfg.storage.options, image_column=cfg.source.image_column),
+    ).map_batches(
+        EmbedImages, batch_size=cfg.embed.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=res["concurrency"]), scheduling_strategy="DEFAULT",
+        num_gpus=res["num_gpus"], num_cpus=res["num_cpus"],
+        fn_constructor_kwargs=dict(model=cfg.model.name, image_size=prep["image_size"], image_mean=prep["image_mean"],
+                                   image_std=prep["image_std"], pooling=cfg.model.pooling, gem_p=cfg.model.gem_p,
+                                   dtype=cfg.model.dtype, device=res["device"], num_threads=res["num_threads"]),
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        writer.add(batch)
+    missing = sorted(set(todo) - set(writer.done))
+    if missing:
+        raise JobError(f"parts {missing[:10]} did not receive all their rows; re-run the job to finish them")
+    return writer.done
+
+
+# -- build: train once, fill shards in parallel ------------------------------------------
+def build_index(version: Location, part_stats: dict[int, dict], cfg: IndexJobConfig, dim: int) -> tuple[str, int, list[dict]]:
+    counts = {p: s["indexed"] for p, s in part_stats.items()}
+    total = sum(counts.values())
+    factory = cfg.index.factory if cfg.index.factory != "auto" else default_factory(total, dim)
+    gpus = ray.cluster_resources().get("GPU", 0) if cfg.index.use_gpu else 0
+    task_gpus = 1 if gpus >= 1 else 0
+    train_points = 0
+    if not version.exists(TRAINED):
+        sample = train_sample_size(factory, total, cfg.index.train_sample_max)
+        train = ray.remote(num_cpus=1, num_gpus=task_gpus)(train_version)
+        train_points = ray.get(train.remote(version, counts, factory, cfg.index.metric, sample, cfg.run.seed, task_gpus > 0))
+    parts = sorted(counts)
+    per_shard = max(1, cfg.index.shard_size // cfg.run.part_size)
+    groups = [parts[i : i + per_shard] for i in range(0, len(parts), per_shard)]
+    shard_task = ray.remote(num_cpus=1, num_gpus=task_gpus)(build_shard)
+    pending, shards = {}, {}
+    for s, group in enumerate(groups):
+        if version.exists("shards", shard_file(s, "json")):
+            shards[s] = version.read_json("shards", shard_file(s, "json"))
+        else:
+            pending[s] = shard_task.remote(version, s, group, task_gpus > 0)
+    shards.update(zip(pending, ray.get(list(pending.values()))))
+    return factory, train_points, [shards[s] for s in sorted(shards)]
+
+
+# -- the job ---------------------------------------------------------------------------------
+def run_index(cfg: IndexJobConfig) -> dict:
+    """Run (or resume) the index job; returns the summary that is also saved as stats.json."""
+    cfg.require()
+    for field, uri in (("source.uri", cfg.source.uri), ("index.uri", cfg.index.uri)):
+        check_under_roots(uri, cfg.storage.allowed_roots, field)
+    t0 = time.time()
+    stages: dict[str, float] = {}
+    spec = source_spec(cfg)
+    index = Location(cfg.index.uri, cfg.storage.options)
+    prep = load_preprocessing(cfg.model.name, cfg.model.image_size)
+    settings = {"source": cfg.source.model_dump(), "model": cfg.model.model_dump(), "preprocessing": prep,
+                "index": {k: getattr(cfg.index, k) for k in ("factory", "metric", "shard_size")}, "part_size": cfg.run.part_size}
+    version_name, resumed = begin_version(index, fingerprint(settings), settings)
+    version = index.child("versions", version_name)
+    log.info("%s version %s of %s", "resuming" if resumed else "building", version_name, redact(index.uri))
+
+    t = time.time()
+    plan = version.read_json("plan", "plan.json") if version.exists("plan", "plan.json") else make_plan(version, spec, cfg.run.part_size)
+    stages["list"] = time.time() - t
+
+    t = time.time()
+    done = {int(n[5:10]): version.read_json("stats", n) for n in version.list_names("stats") if n.endswith(".json")}
+    todo = [p for p in range(plan["parts"]) if p not in done]
+    done.update(embed_parts(version, todo, cfg, prep) if todo else {})
+    stages["decode_embed"] = time.time() - t
+    processed = sum(done[p]["rows"] for p in todo)
+
+    counts = {"seen": plan["seen"], "indexed": sum(s["indexed"] for s in done.values()),
+              "failed": plan["list_failures"] + sum(s["failed"] for s in done.values()),
+              "skipped": sum(plan["skipped"].values())}
+    errors = Counter(plan["list_errors"])
+    for s in done.values():
+        errors.update(s["errors"])
+    summary = {"version": version_name, "resumed": resumed, "counts": counts, "skipped_by_extension": plan["skipped"],
+               "errors": dict(errors), "index_uri": redact(index.uri), "source_uri": redact(spec.location().uri)}
+    if counts["indexed"] == 0:
+        version.write_json(summary, "stats.json")
+        raise JobError(f"no image could be indexed ({counts['failed']} failed, {counts['skipped']} skipped); "
+                       f"see {redact(version.uri)}/failures/ — nothing was published")
+    dim = max(s["dim"] for s in done.values())
+
+    t = time.time()
+    factory, train_points, shards = build_index(version, done, cfg, dim)
+    stages["train_add"] = time.time() - t
+    total_bytes = sum(s["bytes"] for s in shards)
+    wall = time.time() - t0
+    summary.update(
+        factory=factory, dim=dim, metric=cfg.index.metric, train_points=train_points, shards=len(shards),
+        index_bytes=total_bytes, index_bytes_per_vector=total_bytes / counts["indexed"],
+        flat_float32_bytes_per_vector=4 * dim, stage_seconds={k: round(v, 3) for k, v in stages.items()},
+        wall_seconds=round(wall, 3), images_processed_this_run=processed,
+        images_per_second=round(processed / stages["decode_embed"], 2) if processed and stages["decode_embed"] else None,
+    )
+    version.write_json(summary, "stats.json")
+    manifest = {
+        "model": cfg.model.model_dump(), "preprocessing": prep, "dim": dim, "metric": cfg.index.metric,
+        "factory": factory, "nprobe": cfg.index.nprobe, "rescore": cfg.index.rescore,
+        "source": {"uri": redact(spec.location().uri), "format": cfg.source.format},
+        "shards": shards, "counts": counts, "parent": index.read_json("versions", version_name, "run.json").get("parent"),
+        "embeddings": {"dtype": "float16", "parts": [part_file(p) for p in sorted(done)]},
+        "catalog": {"parts": [part_file(p) for p in sorted(done)]},
+        "failures": {"parts": ["listing.parquet"] + [part_file(p) for p in sorted(done)]},
+    }
+    t = time.time()
+    publish(index, version_name, manifest)
+    summary["stage_seconds"]["publish"] = round(time.time() - t, 3)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    c = s["counts"]
+    lines = [
+        f"index version {s['version']} published at {s['index_uri']}{' (resumed)' if s['resumed'] else ''}",
+        f"  images: seen {c['seen']} = indexed {c['indexed']} + failed {c['failed']} + skipped {c['skipped']}",
+        f"  index: {s['factory']}, dim {s['dim']}, {s['shards']} shard(s), "
+        f"{s['index_bytes_per_vector']:.1f} bytes/vector (flat float32: {s['flat_float32_bytes_per_vector']})",
+        f"  throughput: {s['images_per_second'] or '-'} images/s (decode+embed), wall {s['wall_seconds']:.1f}s",
+        "  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items()),
+    ]
+    if s["errors"]:
+        lines.append("  failures by type: " + ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items())))
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""Build one index version's FAISS files from its float16 embeddings parts.
+
+`train_version` writes `trained.faiss`; `build_shard` writes `shards/shard-NNNNN.faiss`
+and then `shards/shard-NNNNN.json`, whose presence marks the shard done (so a
+re-run rebuilds only shards without a marker). Plain functions: the job runs them as
+Ray tasks, a test or a notebook can call them directly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from storage.catalog import embeddings_from_table
+from storage.faiss_store import add_vectors, index_from_bytes, index_to_bytes, train_index
+from storage.uris import Location
+
+TRAINED = "trained.faiss"
+
+
+def part_file(part: int, ext: str = "parquet") -> str:
+    return f"part-{part:05d}.{ext}"
+
+
+def shard_file(shard: int, ext: str = "faiss") -> str:
+    return f"shard-{shard:05d}.{ext}"
+
+
+def sample_vectors(version: Location, part_counts: dict[int, int], sample_size: int, seed: int) -> np.ndarray:
+    """A uniform random sample over all parts, drawn part by part (no part is loaded twice)."""
+    total = sum(part_counts.values())
+    rng = np.random.default_rng(seed)
+    chunks = []
+    for part, count in sorted(part_counts.items()):
+        if count == 0:
+            continue
+        take = min(count, int(np.ceil(sample_size * count / total)))
+        _, vecs = embeddings_from_table(version.read_parquet("embeddings", part_file(part)))
+        chunks.append(vecs[np.sort(rng.choice(count, size=take, replace=False))])
+    return np.concatenate(chunks).astype(np.float32)
+
+
+def train_version(version: Location, part_counts: dict[int, int], factory: str, metric: str, sample_size: int,
+                  seed: int, use_gpu: bool) -> int:
+    """Train the empty index shared by every shard; returns the number of training points."""
+    vectors = sample_vectors(version, part_counts, sample_size, seed)
+    index = train_index(factory, vectors, metric, use_gpu=use_gpu)
+    version.write_bytes(index_to_bytes(index), TRAINED)
+    return len(vectors)
+
+
+def build_shard(version: Location, shard: int, parts: list[int], use_gpu: bool) -> dict:
+    """Copy of the trained index + all vectors of `parts`; writes the shard, then its marker."""
+    index = index_from_bytes(version.read_bytes(TRAINED))
+    ids, vecs = [], []
+    for part in parts:
+        part_ids, part_vecs = embeddings_from_table(version.read_parquet("embeddings", part_file(part)))
+        ids.append(part_ids)
+        vecs.append(part_vecs)
+    if ids and sum(len(i) for i in ids):
+        index = add_vectors(index, np.concatenate(ids), np.concatenate(vecs).astype(np.float32), use_gpu=use_gpu)
+    data = index_to_bytes(index)
+    version.write_bytes(data, "shards", shard_file(shard))
+    info = {"name": shard_file(shard), "shard": shard, "parts": parts, "ntotal": int(index.ntotal), "bytes": len(data)}
+    version.write_json(info, "shards", shard_file(shard, "json"))
+    return info

@@ -1,0 +1,217 @@
+"""Gallery sources: list what a source holds, and fetch one entry's bytes.
+
+Three layouts, mixed freely under one prefix (each file is handled by its extension):
+loose image files, WebDataset / img2dataset tar shards (image members by extension,
+key = member stem), and Parquet files with an image-bytes column and a key column.
+Listing records, per image, where its bytes are (uri, offset, length) so that any
+image can later be fetched with one ranged read, tar members included.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import tarfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.catalog import ENTRY_SCHEMA, KIND_FILE, KIND_PARQUET, KIND_TAR, failure_row, image_id
+from storage.uris import Location
+
+DEFAULT_IMAGE_EXTENSIONS = (
+    "jpg", "jpeg", "jpe", "png", "gif", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "pnm",
+    "ico", "jp2", "j2k", "avif", "heic", "heif", "svg",
+)  # fmt: skip
+CONTAINER_EXTENSIONS = {"tar": KIND_TAR, "parquet": KIND_PARQUET}
+
+
+@dataclass
+class SourceSpec:
+    """What to read: plain values, so storage needs no config classes."""
+
+    uri: str
+    format: str = "auto"  # auto | files | webdataset | parquet
+    image_extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
+    image_column: str = "image"
+    key_column: str | None = "key"
+    storage_options: dict = field(default_factory=dict)
+
+    def location(self) -> Location:
+        return Location(self.uri, self.storage_options)
+
+
+@dataclass
+class Listing:
+    """What a walk of the source found, before containers are opened."""
+
+    files: list[dict]  # entries of loose images
+    containers: list[tuple[str, str, str]]  # (uri, kind, etag)
+    skipped: Counter  # "extension" -> count, for files that are neither images nor containers
+
+
+def _extension(name: str) -> str:
+    base = posixpath.basename(name)
+    return base.rsplit(".", 1)[-1].lower() if "." in base.lstrip(".") else ""
+
+
+def _etag(info: dict) -> str:
+    tag = info.get("ETag") or info.get("etag") or info.get("md5")
+    if tag:
+        return str(tag).strip('"')
+    return f"{info.get('size')}-{info.get('mtime') or info.get('LastModified') or info.get('created')}"
+
+
+def _wants(kind: str, fmt: str) -> bool:
+    return fmt == "auto" or {"files": KIND_FILE, "webdataset": KIND_TAR, "parquet": KIND_PARQUET}[fmt] == kind
+
+
+def list_source(spec: SourceSpec) -> Listing:
+    """Walk the source prefix recursively. Files with no extension are tried as images."""
+    loc = spec.location()
+    if not loc.fs.exists(loc.root):
+        raise FileNotFoundError(f"source {loc!r} does not exist")
+    found = loc.fs.find(loc.root, detail=True) if loc.fs.isdir(loc.root) else {loc.root: loc.fs.info(loc.root)}
+    images = set(spec.image_extensions)
+    files, containers, skipped = [], [], Counter()
+    for path in sorted(found):
+        info = found[path]
+        if info.get("type") == "directory":
+            continue
+        ext = _extension(path)
+        kind = CONTAINER_EXTENSIONS.get(ext) or (KIND_FILE if ext in images or ext == "" else None)
+        if kind is None or not _wants(kind, spec.format):
+            skipped[ext or "(none)"] += 1
+            continue
+        uri = loc.full_uri(path)
+        if kind == KIND_FILE:
+            key = loc.relative(path) if loc.fs.isdir(loc.root) else posixpath.basename(path)
+            files.append(dict(key=key, uri=uri, kind=KIND_FILE, offset=0, length=int(info.get("size") or 0), etag=_etag(info)))
+        else:
+            containers.append((uri, kind, _etag(info)))
+    return Listing(files, containers, skipped)
+
+
+def scan_tar(uri: str, etag: str, spec: SourceSpec) -> tuple[list[dict], Counter]:
+    """Entries of a tar shard. Reads member headers only (seeks over the data)."""
+    loc = spec.location()
+    images = set(spec.image_extensions)
+    entries, skipped = [], Counter()
+    with loc.fs.open(loc.fs._strip_protocol(uri), "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            ext = _extension(member.name)
+            if ext not in images:
+                skipped[f"tar:{ext or '(none)'}"] += 1
+                continue
+            stem = member.name[: -(len(ext) + 1)]
+            entries.append(dict(key=stem, uri=uri, kind=KIND_TAR, offset=member.offset_data, length=member.size, etag=etag))
+    return entries, skipped
+
+
+def _image_bytes_column(column: pa.ChunkedArray) -> list:
+    """Cells as bytes; accepts a binary column or a Hugging Face Image struct {bytes, path}."""
+    if pa.types.is_struct(column.type):
+        column = pa.chunked_array([chunk.field("bytes") for chunk in column.chunks])
+    return column.to_pylist()
+
+
+def scan_parquet(uri: str, etag: str, spec: SourceSpec) -> tuple[list[dict], Counter]:
+    """Entries of a Parquet file: one per row; key from the key column or file/row."""
+    loc = spec.location()
+    with loc.fs.open(loc.fs._strip_protocol(uri), "rb") as f:
+        pfile = pq.ParquetFile(f)
+        names = pfile.schema_arrow.names
+        if spec.image_column not in names:
+            raise KeyError(f"parquet {uri}: no image column {spec.image_column!r} (columns: {names})")
+        key_col = spec.key_column if spec.key_column in names else None
+        entries, row = [], 0
+        for rg in range(pfile.num_row_groups):
+            cols = [spec.image_column] + ([key_col] if key_col else [])
+            table = pfile.read_row_group(rg, columns=cols)
+            cells = _image_bytes_column(table.column(spec.image_column))
+            keys = table.column(key_col).to_pylist() if key_col else [None] * len(cells)
+            for cell, key in zip(cells, keys):
+                key = str(key) if key is not None else f"{posixpath.basename(uri)}/{row}"
+                entries.append(dict(key=key, uri=uri, kind=KIND_PARQUET, offset=row, length=len(cell or b""), etag=etag))
+                row += 1
+    return entries, Counter()
+
+
+def scan_container(uri: str, kind: str, etag: str, spec: SourceSpec) -> tuple[list[dict], Counter]:
+    return (scan_tar if kind == KIND_TAR else scan_parquet)(uri, etag, spec)
+
+
+def assign_ids(entries: list[dict], source_uri: str) -> tuple[pa.Table, list[dict]]:
+    """Sort entries by location, give each a stable id, and turn repeated keys into failures.
+
+    A key is the identity of an image within a source; when two entries share one (two
+    shards with the same member stem, a sample with both .jpg and .png) the first in
+    location order is kept and the others are reported, never indexed under one id twice.
+    """
+    entries = sorted(entries, key=lambda e: (e["uri"], e["offset"]))
+    kept, failures, seen = [], [], {}
+    for e in entries:
+        e["image_id"] = image_id(source_uri, e["key"])
+        if e["key"] in seen:
+            failures.append(failure_row(e, "list", "duplicate_key", f"key {e['key']!r} already used by {seen[e['key']]}"))
+            continue
+        seen[e["key"]] = e["uri"]
+        kept.append(e)
+    return pa.Table.from_pylist(kept, schema=ENTRY_SCHEMA), failures
+
+
+def fetch_bytes(entries: list[dict], storage_options: dict, image_column: str = "image") -> list[bytes | Exception]:
+    """Bytes of each entry, in order; a read that fails gives its exception instead.
+
+    File and tar entries go through one `cat_ranges` call (concurrent on object stores);
+    Parquet entries are grouped so that each row group is read once per call.
+    """
+    out: list[bytes | Exception] = [b""] * len(entries)
+    if not entries:
+        return out
+    loc = Location(entries[0]["uri"], storage_options)
+    fs = loc.fs
+    ranged = [i for i, e in enumerate(entries) if e["kind"] != KIND_PARQUET]
+    if ranged:
+        paths = [fs._strip_protocol(entries[i]["uri"]) for i in ranged]
+        starts = [int(entries[i]["offset"]) for i in ranged]
+        ends = [int(entries[i]["offset"]) + int(entries[i]["length"]) for i in ranged]
+        try:
+            results = fs.cat_ranges(paths, starts, ends, on_error="return")
+        except Exception as exc:  # a filesystem without on_error support, or a dead connection
+            results = [exc] * len(ranged)
+        for i, data in zip(ranged, results):
+            out[i] = data
+    by_file = defaultdict(list)
+    for i, e in enumerate(entries):
+        if e["kind"] == KIND_PARQUET:
+            by_file[e["uri"]].append(i)
+    for uri, idx in by_file.items():
+        try:
+            cells = _read_parquet_cells(fs, uri, [int(entries[i]["offset"]) for i in idx], image_column)
+            for i, cell in zip(idx, cells):
+                out[i] = cell if cell is not None else b""
+        except Exception as exc:
+            for i in idx:
+                out[i] = exc
+    return out
+
+
+def _read_parquet_cells(fs, uri: str, rows: list[int], image_column: str) -> list[bytes | None]:
+    with fs.open(fs._strip_protocol(uri), "rb") as f:
+        pfile = pq.ParquetFile(f)
+        starts, n = [], 0
+        for rg in range(pfile.num_row_groups):
+            starts.append(n)
+            n += pfile.metadata.row_group(rg).num_rows
+        groups: dict[int, list] = {}
+        result = []
+        for row in rows:
+            rg = max(g for g, s in enumerate(starts) if s <= row)
+            if rg not in groups:
+                groups[rg] = _image_bytes_column(pfile.read_row_group(rg, columns=[image_column]).column(image_column))
+            result.append(groups[rg][row - starts[rg]])
+        return result

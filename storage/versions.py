@@ -1,0 +1,86 @@
+"""Index versions: `versions/vNNNNNN/` folders, `manifest.json` written last, `LATEST` swapped after.
+
+A reader resolves LATEST and then reads only that version's manifest-listed files, so it
+sees the old version or the new one, never a partial one. A version folder without a
+manifest is work in progress; a re-run with the same job fingerprint resumes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from typing import Any
+
+from storage.uris import Location
+
+VERSION_PATTERN = re.compile(r"^v(\d{6})$")
+MANIFEST, LATEST, RUN = "manifest.json", "LATEST", "run.json"
+FORMAT_VERSION = 1
+
+
+def version_name(number: int) -> str:
+    return f"v{number:06d}"
+
+
+def list_versions(index: Location) -> list[str]:
+    """All version folders, published or not, oldest first."""
+    return [n for n in index.list_names("versions") if VERSION_PATTERN.match(n)]
+
+
+def is_published(index: Location, version: str) -> bool:
+    return index.exists("versions", version, MANIFEST)
+
+
+def read_latest(index: Location) -> str | None:
+    """Name of the live version, or None for an index that has never been published."""
+    if not index.exists(LATEST):
+        return None
+    name = index.read_text(LATEST).strip()
+    if not VERSION_PATTERN.match(name):
+        raise ValueError(f"{index!r}: LATEST holds {name!r}, not a version name")
+    return name
+
+
+def read_manifest(index: Location, version: str | None = None) -> dict[str, Any]:
+    """Manifest of a version (the live one by default)."""
+    version = version or read_latest(index)
+    if version is None:
+        raise FileNotFoundError(f"{index!r} has no published version (no LATEST)")
+    if not is_published(index, version):
+        raise FileNotFoundError(f"{index!r}: version {version} is not published (no manifest)")
+    return index.read_json("versions", version, MANIFEST)
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """Hash of the settings that decide a version's content; equal hashes may share work."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def begin_version(index: Location, run_fingerprint: str, settings: dict[str, Any]) -> tuple[str, bool]:
+    """Pick the version folder for a run: (name, resumed).
+
+    The newest unpublished folder is resumed when its fingerprint matches; otherwise a
+    new number is taken (an abandoned folder with other settings is left for cleanup).
+    """
+    names = list_versions(index)
+    if names and not is_published(index, names[-1]) and index.exists("versions", names[-1], RUN):
+        if index.read_json("versions", names[-1], RUN).get("fingerprint") == run_fingerprint:
+            return names[-1], True
+    number = int(VERSION_PATTERN.match(names[-1]).group(1)) + 1 if names else 1
+    name = version_name(number)
+    index.write_json(
+        {"fingerprint": run_fingerprint, "settings": settings, "parent": read_latest(index), "started_at": time.time()},
+        "versions",
+        name,
+        RUN,
+    )
+    return name, False
+
+
+def publish(index: Location, version: str, manifest: dict[str, Any]) -> None:
+    """Write the manifest (the version is complete from here on), then point LATEST at it."""
+    manifest = dict(manifest, format_version=FORMAT_VERSION, version=version, published_at=time.time())
+    index.write_json(manifest, "versions", version, MANIFEST)
+    index.write_text(version + "\n", LATEST)
