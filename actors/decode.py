@@ -26,8 +26,17 @@ class DecodeFailure(Exception):
         self.error_type = error_type
 
 
+MAGIC = {b"\x89PNG\r\n\x1a\n": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"II*\x00": "TIFF",
+         b"MM\x00*": "TIFF", b"BM": "BMP"}
+
+
 def _sniff(data: bytes) -> DecodeFailure:
     """Name what a non-image really is, so the failures table is actionable."""
+    for magic, fmt in MAGIC.items():
+        if data.startswith(magic):
+            return DecodeFailure("truncated", f"{fmt} signature but PIL cannot parse it ({len(data)} bytes): header only or cut short")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return DecodeFailure("truncated", f"WEBP signature but PIL cannot parse it ({len(data)} bytes)")
     head = data[:1024].lstrip().lower()
     if b"<svg" in head or (head.startswith(b"<?xml") and b"svg" in head):
         return DecodeFailure("unsupported_format", "SVG (vector) images are not decoded; rasterise them first")

@@ -60,12 +60,35 @@ def load_preprocessing(model: str, image_size: int | None = None) -> dict:
 
 
 def load_vision_model(model: str) -> torch.nn.Module:
+    """The vision part of a checkpoint, refusing to run with any weight missing or re-initialised.
+
+    transformers only warns when a weight does not fit and re-initialises it randomly;
+    for an embedder that means silently wrong vectors, so here it is an error.
+    """
     config = AutoConfig.from_pretrained(model)
     name = VISION_TOWER_CLASS.get(config.model_type)
+    kwargs = {}
+    if name and getattr(config, "vision_config", None) is not None:
+        vision = config.vision_config
+        if getattr(config, "projection_dim", None):  # the projection size lives on the top-level config
+            vision.projection_dim = config.projection_dim
+        kwargs["config"] = vision
     if name is None and config.architectures:
         name = config.architectures[0] if hasattr(transformers, config.architectures[0]) else None
     cls = getattr(transformers, name) if name else transformers.AutoModel
-    return cls.from_pretrained(model).eval()
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the text tower's weights are "unexpected" here, by design
+    try:
+        loaded, info = cls.from_pretrained(model, output_loading_info=True, **kwargs)
+    except RuntimeError as exc:  # transformers' own size-mismatch error
+        raise ValueError(f"{model}: weights of {cls.__name__} missing or of the wrong shape: {str(exc)[:300]}") from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    bad = sorted(info.get("missing_keys", [])) + sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", []))
+    if bad:
+        raise ValueError(f"{model}: {len(bad)} weight(s) of {cls.__name__} missing or of the wrong shape "
+                         f"(they would be random): {', '.join(bad[:5])}")
+    return loaded.eval()
 
 
 def pool_tokens(hidden: torch.Tensor, pooling: str, prefix_tokens: int, gem_p: float) -> torch.Tensor:

@@ -112,8 +112,10 @@ def _format_error(cls: type[BaseModel], err: ValidationError) -> str:
         field = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"{field}: unknown setting; allowed here: {', '.join(_allowed_names(cls, e['loc'][:-1]))}")
+        elif e["loc"][0] == "storage":  # never echo storage values: they may hold a secret
+            lines.append(f"{field}: {e['msg']}")
         else:
-            lines.append(f"{field}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"{field}: {e['msg']} (got {str(e.get('input'))[:80]!r})")
     return "invalid config:\n  " + "\n  ".join(lines)
 
 

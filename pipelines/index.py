@@ -9,6 +9,7 @@ A re-run of the same job resumes the unpublished version and does only what is m
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter, defaultdict
 
@@ -90,6 +91,7 @@ class PartWriter:
             self.counts[int(part)] += int(sel.sum())
             if self.counts[int(part)] == self.expected[int(part)]:
                 self.done[int(part)] = self._write(int(part))
+                _pause_for_fault_tests(len(self.done))
 
     def _write(self, part: int) -> dict:
         chunks = self.rows.pop(part)
@@ -105,6 +107,15 @@ class PartWriter:
                  "errors": dict(Counter(cols["error_type"][bad].tolist())), "dim": int(cols["embedding"].shape[1])}
         self.version.write_json(stats, "stats", part_file(part, "json"))  # the part's done marker
         return stats
+
+
+def _pause_for_fault_tests(parts_done: int) -> None:
+    """MLLM_INDEX_PAUSE_AFTER_PARTS=N parks the driver after N finished parts, so a test (or an
+    operator rehearsing a failure) can kill it at a known point and check the resume."""
+    limit = os.environ.get("MLLM_INDEX_PAUSE_AFTER_PARTS")
+    if limit and parts_done >= int(limit):
+        print(f"paused after {parts_done} parts (MLLM_INDEX_PAUSE_AFTER_PARTS)", flush=True)
+        time.sleep(3600)
 
 
 def embed_resources(cfg: IndexJobConfig) -> dict:

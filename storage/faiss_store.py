@@ -133,3 +133,12 @@ def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int, metric: 
     all_scores = np.where(all_ids < 0, worst, all_scores)
     order = np.argsort(-all_scores if metric == "ip" else all_scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1)
+
+
+def stored_ids(index: "faiss.Index") -> np.ndarray:
+    """Every id held by an IVF index (in list order): for audits and for diffing versions."""
+    ivf = faiss.extract_index_ivf(index)
+    invlists = ivf.invlists
+    chunks = [faiss.rev_swig_ptr(invlists.get_ids(i), invlists.list_size(i)).copy()
+              for i in range(invlists.nlist) if invlists.list_size(i)]
+    return np.concatenate(chunks).astype(np.int64) if chunks else np.zeros(0, np.int64)

@@ -25,6 +25,9 @@ from fsspec.implementations.local import LocalFileSystem
 _CREDENTIAL_KEY = re.compile(r"^(key|secret|token)$|secret|password|passwd|credential|access_key|session_token", re.I)
 
 
+_SECRET_PARAM = re.compile(r"signature|credential|token|secret|password|passwd|key", re.I)  # presigned URLs
+
+
 class StorageError(RuntimeError):
     """A storage operation failed; the message never contains credentials."""
 
@@ -48,7 +51,7 @@ def redact(uri: str) -> str:
         return uri
     netloc = parts.netloc.rsplit("@", 1)[-1]
     query = "&".join(
-        p if not _CREDENTIAL_KEY.search(p.split("=", 1)[0]) else p.split("=", 1)[0] + "=***"
+        p if not _SECRET_PARAM.search(p.split("=", 1)[0]) else p.split("=", 1)[0] + "=***"
         for p in parts.query.split("&")
         if p
     )
@@ -133,6 +136,8 @@ class Location:
 
     # -- reads ---------------------------------------------------------------------
     def exists(self, *parts: str) -> bool:
+        # Other processes (Ray workers) write here: never trust this process's listings cache.
+        self.fs.invalidate_cache(self.path(*parts))
         return self.fs.exists(self.path(*parts))
 
     def read_bytes(self, *parts: str) -> bytes:
@@ -150,6 +155,7 @@ class Location:
     def list_names(self, *parts: str) -> list[str]:
         """Names directly under a child folder; empty if it does not exist."""
         folder = self.path(*parts)
+        self.fs.invalidate_cache(folder)
         try:
             entries = self.fs.ls(folder, detail=False)
         except FileNotFoundError:
