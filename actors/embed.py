@@ -124,16 +124,18 @@ class EmbedImages:
         self.pooling, self.gem_p = pooling, gem_p
         config = self.model.config
         self.prefix_tokens = 1 + int(getattr(config, "num_register_tokens", 0) or 0)
-        self.mean = torch.tensor(image_mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(image_std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1) * 255
+        # Normalise in NHWC, in place, then hand the model a channels-last view: half the
+        # memory traffic of permute-then-normalise (which costs more than a tiny model).
+        self.mean = torch.tensor(image_mean, dtype=torch.float32, device=self.device) * 255
+        self.inv_std = 1.0 / (torch.tensor(image_std, dtype=torch.float32, device=self.device) * 255)
         # One warm-up forward: fixes the output width, so all-failed batches keep the same shape.
         self.dim = self.embed_pixels(np.zeros((1, image_size, image_size, 3), np.uint8)).shape[1]
 
     @torch.inference_mode()
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """(B, S, S, 3) uint8 -> (B, D) float32, L2-normalised."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2).float()
-        x = (x - self.mean) / self.std
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)  # uint8 upload: 4x less than float
+        x = x.float().sub_(self.mean).mul_(self.inv_std).permute(0, 3, 1, 2)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             out = self.model(pixel_values=x)
             if self.pooling == "auto":

@@ -43,12 +43,12 @@ class ModelConfig(Section):
 class DecodeConfig(Section):
     max_pixels: int = Field(89_478_485, gt=0)  # refuse larger images before decoding (decompression bombs)
     max_bytes: int = Field(64 * 2**20, gt=0)
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(64, gt=0)
     num_cpus: float = Field(0.5, gt=0)
 
 
 class EmbedConfig(Section):
-    batch_size: int = Field(64, gt=0)
+    batch_size: int = Field(128, gt=0)
     concurrency: int | None = Field(None, gt=0)  # None: one actor per GPU, or one on a CPU-only cluster
     num_gpus: float | None = Field(None, ge=0)  # None: 1 when the cluster has GPUs, else 0
     num_cpus: float | None = Field(None, gt=0)  # None: 1 with a GPU; on CPU a share that leaves room for decode

@@ -63,3 +63,29 @@ def build_shard(version: Location, shard: int, parts: list[int], use_gpu: bool) 
     info = {"name": shard_file(shard), "shard": shard, "parts": parts, "ntotal": int(index.ntotal), "bytes": len(data)}
     version.write_json(info, "shards", shard_file(shard, "json"))
     return info
+
+
+def publish_vectors(index: Location, ids: np.ndarray, vectors: np.ndarray, factory: str, metric: str = "ip",
+                    part_size: int = 65536, parts_per_shard: int = 16, extra: dict | None = None) -> str:
+    """Publish precomputed embeddings as a new index version (no images, no Ray): the same
+    parts -> trained index -> shards -> manifest path as the index job, in one process."""
+    from storage.catalog import embeddings_table
+    from storage.faiss_store import train_sample_size
+    from storage.versions import begin_version, fingerprint, publish
+
+    settings = {"factory": factory, "metric": metric, "n": int(len(ids)), "part_size": part_size}
+    name, _ = begin_version(index, fingerprint(settings), settings)
+    version = index.child("versions", name)
+    counts = {}
+    for p, start in enumerate(range(0, len(ids), part_size)):
+        version.write_parquet(embeddings_table(ids[start : start + part_size], vectors[start : start + part_size]),
+                              "embeddings", part_file(p))
+        counts[p] = len(ids[start : start + part_size])
+    train_version(version, counts, factory, metric, train_sample_size(factory, len(ids), 1_000_000), seed=0, use_gpu=True)
+    parts = sorted(counts)
+    shards = [build_shard(version, s, parts[i : i + parts_per_shard], use_gpu=True)
+              for s, i in enumerate(range(0, len(parts), parts_per_shard))]
+    publish(index, name, {**(extra or {}), "metric": metric, "dim": int(vectors.shape[1]), "factory": factory,
+                          "shards": shards, "counts": {"indexed": int(len(ids))},
+                          "embeddings": {"dtype": "float16", "parts": [part_file(p) for p in parts]}})
+    return name

@@ -5,48 +5,24 @@ import faiss
 import numpy as np
 import pytest
 
-from storage.catalog import embeddings_table
 from storage.faiss_store import default_factory, index_from_bytes, pq_subquantizers, train_sample_size
 from storage.search import IndexSearcher
-from storage.shard_store import TRAINED, build_shard, part_file, train_version
+from storage.shard_store import TRAINED, publish_vectors
+from storage.synthetic import clustered_vectors
 from storage.uris import Location
 from storage.versions import begin_version, list_versions, publish, read_latest, read_manifest
 
 
-def clustered(n: int, dim: int = 64, intrinsic: int = 8, clusters: int = 40, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(clusters, intrinsic))
-    z = centers[rng.integers(0, clusters, n)] + 0.35 * rng.normal(size=(n, intrinsic))
-    x = np.tanh(z @ rng.normal(size=(intrinsic, dim))) + 0.02 * rng.normal(size=(n, dim))  # curved, low-dim manifold
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def write_version(root: Location, vectors: np.ndarray, ids: np.ndarray, part_size: int, parts_per_shard: int,
-                  factory: str) -> str:
-    """Parts -> trained index -> shards -> manifest, through the same functions the job runs."""
-    name, _ = begin_version(root, "fp", {})
-    version = root.child("versions", name)
-    counts = {}
-    for p, start in enumerate(range(0, len(vectors), part_size)):
-        version.write_parquet(embeddings_table(ids[start : start + part_size], vectors[start : start + part_size]),
-                              "embeddings", part_file(p))
-        counts[p] = len(ids[start : start + part_size])
-    sample = train_sample_size(factory, len(vectors), 100_000)
-    train_version(version, counts, factory, "ip", sample, seed=0, use_gpu=False)
-    parts = sorted(counts)
-    shards = [build_shard(version, s, parts[i : i + parts_per_shard], use_gpu=False)
-              for s, i in enumerate(range(0, len(parts), parts_per_shard))]
-    publish(root, name, {"metric": "ip", "dim": vectors.shape[1], "factory": factory, "shards": shards,
-                         "embeddings": {"parts": [part_file(p) for p in parts]}})
-    return name
+def write_version(root: Location, vectors, ids, part_size: int, parts_per_shard: int, factory: str) -> str:
+    return publish_vectors(root, ids, vectors, factory, "ip", part_size, parts_per_shard)
 
 
 @pytest.fixture(scope="module")
 def gallery():
-    x = clustered(12_000)
+    x = clustered_vectors(12_000)
     rng = np.random.default_rng(1)
     ids = rng.choice(2**40, size=len(x), replace=False).astype(np.int64)  # sparse, unordered ids like real hashes
-    queries = clustered(200, seed=7)
+    queries = clustered_vectors(200, seed=7)
     return x, ids, queries
 
 
