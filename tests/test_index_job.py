@@ -127,9 +127,10 @@ def test_killed_driver_resumes_without_loss_or_duplicates(ray_session, s3_bucket
     photos = photo_views(18, size=160)
     write_files(source, photos)
     index_uri = f"s3://{bucket}/index"
-    sets = ["run.part_size=4", "decode.batch_size=4", "embed.batch_size=4", f"storage.options={{endpoint_url: '{options['endpoint_url']}'}}"]
+    sets = ["run.part_size=4", "decode.batch_size=4", "embed.batch_size=4"]
+    # The killed run finds the endpoint through AWS_ENDPOINT_URL alone, the resumed one through storage.options.
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, MLLM_INDEX_PAUSE_AFTER_PARTS="3",
-               PYTHONPATH=str(ROOT))
+               PYTHONPATH=str(ROOT), AWS_ENDPOINT_URL=options["endpoint_url"])
     cmd = [sys.executable, "-m", "pipelines.cli", "index", source.uri, index_uri, "--model", tiny_dinov2]
     proc = subprocess.Popen(cmd + [a for s in sets for a in ("--set", s)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -142,6 +143,7 @@ def test_killed_driver_resumes_without_loss_or_duplicates(ray_session, s3_bucket
     assert len(index.list_names("versions", "v000001", "stats")) == 3, output[-3000:]
     assert not index.exists("LATEST") and not index.exists("versions", "v000001", "manifest.json")
 
+    sets.append(f"storage.options={{endpoint_url: '{options['endpoint_url']}'}}")
     cfg = load_config(IndexJobConfig, None, {"source.uri": source.uri, "index.uri": index_uri, "model.name": tiny_dinov2}, sets)
     resumed = run_index(cfg)
     assert resumed["resumed"] and resumed["version"] == "v000001"
