@@ -14,6 +14,13 @@ from storage.uris import StorageError, redact_text
 EXIT_FAILED, EXIT_CONFIG = 1, 2
 
 
+# Where storage and models live, not who may read them: forwarded to the job's workers, which
+# may belong to a cluster started with another environment. Credentials are never forwarded
+# (they would be stored in Ray's job table); workers get them from their own environment or role.
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                 "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
+
+
 def init_ray(address: str | None) -> None:
     """Join the cluster of a `ray job submit` ($RAY_ADDRESS) or a given one; else start a local Ray."""
     import ray
@@ -21,8 +28,9 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     ray.init(address=address, include_dashboard=False if not address else None, logging_level=logging.WARNING,
-             ignore_reinit_error=True)
+             ignore_reinit_error=True, runtime_env={"env_vars": env_vars} if env_vars else None)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

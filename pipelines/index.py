@@ -9,9 +9,8 @@ A re-run of the same job resumes the unpublished version and does only what is m
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +22,8 @@ from configs.schema import ConfigError, IndexJobConfig
 from storage.catalog import CATALOG_SCHEMA, FAILURE_SCHEMA, embeddings_table
 from storage.faiss_store import default_factory, train_sample_size
 from storage.shard_store import TRAINED, build_shard, part_file, shard_file, train_version
-from storage.sources import DEFAULT_IMAGE_EXTENSIONS, SourceSpec, assign_ids, list_source, scan_container
+from pipelines.parts import PartCollector, finished_parts, load_or_make_plan
+from storage.sources import DEFAULT_IMAGE_EXTENSIONS, SourceSpec
 from storage.uris import Location, check_under_roots, redact
 from storage.versions import begin_version, fingerprint, publish
 
@@ -39,86 +39,20 @@ def source_spec(cfg: IndexJobConfig) -> SourceSpec:
     return SourceSpec(cfg.source.uri, cfg.source.format, exts, cfg.source.image_column, cfg.source.key_column, cfg.storage.options)
 
 
-# -- plan: list the source once per version --------------------------------------------
-def make_plan(version: Location, spec: SourceSpec, part_size: int) -> dict:
-    """List the source (containers scanned in parallel Ray tasks), cut it into parts, save it."""
-    listing = list_source(spec)
-    scan = ray.remote(num_cpus=0.5)(_scan_or_fail)
-    results = ray.get([scan.remote(uri, kind, etag, spec) for uri, kind, etag in listing.containers])
-    entries, skipped, failures = list(listing.files), Counter(listing.skipped), []
-    for found, skip, failure in results:
-        entries += found
-        skipped.update(skip)
-        failures += failure
-    table, duplicates = assign_ids(entries, spec.location().uri)
-    failures += duplicates
-    n_parts = max(1, -(-table.num_rows // part_size))
-    for p in range(n_parts):
-        part = table.slice(p * part_size, part_size)
-        version.write_parquet(part.append_column("part", pa.array(np.full(part.num_rows, p, np.int32))), "plan", part_file(p))
-    version.write_parquet(pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA), "failures", "listing.parquet")
-    plan = {"parts": n_parts, "entries": table.num_rows, "skipped": dict(skipped), "list_failures": len(failures),
-            "list_errors": dict(Counter(f["error_type"] for f in failures)),
-            "seen": table.num_rows + len(failures) + sum(skipped.values())}
-    version.write_json(plan, "plan", "plan.json")  # written last: the plan's done marker
-    return plan
-
-
-def _scan_or_fail(uri: str, kind: str, etag: str, spec: SourceSpec):
-    """A container that cannot be read (corrupt tar, bad Parquet) is one failures row."""
-    try:
-        entries, skipped = scan_container(uri, kind, etag, spec)
-        return entries, skipped, []
-    except Exception as exc:
-        row = {"image_id": None, "uri": uri, "key": None, "stage": "list", "error_type": type(exc).__name__, "message": str(exc)[:500]}
-        return [], Counter(), [row]
-
-
 # -- embed: stream parts through decode and embed actors ----------------------------------
-class PartWriter:
-    """Collects streamed rows per part; when a part is complete, writes its files and marker."""
-
-    def __init__(self, version: Location, expected: dict[int, int]):
-        self.version, self.expected = version, expected
-        self.rows: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
-        self.counts: Counter = Counter()
-        self.done: dict[int, dict] = {}
-        self.started = time.time()
-        self.first_part_at: float | None = None  # start-up latency = first_part_at - started
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        for part in np.unique(batch["part"]):
-            sel = batch["part"] == part
-            self.rows[int(part)].append({k: v[sel] for k, v in batch.items()})
-            self.counts[int(part)] += int(sel.sum())
-            if self.counts[int(part)] == self.expected[int(part)]:
-                self.done[int(part)] = self._write(int(part))
-                self.first_part_at = self.first_part_at or time.time()
-                _pause_for_fault_tests(len(self.done))
-
-    def _write(self, part: int) -> dict:
-        chunks = self.rows.pop(part)
-        cols = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-        ok = cols["ok"].astype(bool)
-        self.version.write_parquet(embeddings_table(cols["image_id"][ok], cols["embedding"][ok]), "embeddings", part_file(part))
-        catalog = {f.name: cols[f.name][ok] for f in CATALOG_SCHEMA}
-        self.version.write_parquet(pa.table(catalog, schema=CATALOG_SCHEMA), "catalog", part_file(part))
-        bad = ~ok
-        failures = {f.name: cols[f.name][bad] for f in FAILURE_SCHEMA}
-        self.version.write_parquet(pa.table(failures, schema=FAILURE_SCHEMA), "failures", part_file(part))
-        stats = {"part": part, "rows": int(len(ok)), "indexed": int(ok.sum()), "failed": int(bad.sum()),
-                 "errors": dict(Counter(cols["error_type"][bad].tolist())), "dim": int(cols["embedding"].shape[1])}
-        self.version.write_json(stats, "stats", part_file(part, "json"))  # the part's done marker
-        return stats
-
-
-def _pause_for_fault_tests(parts_done: int) -> None:
-    """MLLM_INDEX_PAUSE_AFTER_PARTS=N parks the driver after N finished parts, so a test (or an
-    operator rehearsing a failure) can kill it at a known point and check the resume."""
-    limit = os.environ.get("MLLM_INDEX_PAUSE_AFTER_PARTS")
-    if limit and parts_done >= int(limit):
-        print(f"paused after {parts_done} parts (MLLM_INDEX_PAUSE_AFTER_PARTS)", flush=True)
-        time.sleep(3600)
+def write_index_part(version: Location, part: int, cols: dict[str, np.ndarray]) -> dict:
+    """Embeddings, catalog rows and failures of one finished part; the stats marker comes last."""
+    ok = cols["ok"].astype(bool)
+    version.write_parquet(embeddings_table(cols["image_id"][ok], cols["embedding"][ok]), "embeddings", part_file(part))
+    catalog = {f.name: cols[f.name][ok] for f in CATALOG_SCHEMA}
+    version.write_parquet(pa.table(catalog, schema=CATALOG_SCHEMA), "catalog", part_file(part))
+    bad = ~ok
+    failures = {f.name: cols[f.name][bad] for f in FAILURE_SCHEMA}
+    version.write_parquet(pa.table(failures, schema=FAILURE_SCHEMA), "failures", part_file(part))
+    stats = {"part": part, "rows": int(len(ok)), "indexed": int(ok.sum()), "failed": int(bad.sum()),
+             "errors": dict(Counter(cols["error_type"][bad].tolist())), "dim": int(cols["embedding"].shape[1])}
+    version.write_json(stats, "stats", part_file(part, "json"))  # the part's done marker
+    return stats
 
 
 def embed_resources(cfg: IndexJobConfig) -> dict:
@@ -141,7 +75,7 @@ def embed_resources(cfg: IndexJobConfig) -> dict:
 def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: dict) -> dict[int, dict]:
     tables = [version.read_parquet("plan", part_file(p)) for p in todo]
     expected = {p: t.num_rows for p, t in zip(todo, tables)}
-    writer = PartWriter(version, expected)
+    writer = PartCollector(expected, lambda part, cols: write_index_part(version, part, cols))
     for p in [p for p, n in expected.items() if n == 0]:
         writer.done[p] = {"part": p, "rows": 0, "indexed": 0, "failed": 0, "errors": {}, "dim": 0}
         version.write_json(writer.done[p], "stats", part_file(p, "json"))
@@ -170,14 +104,7 @@ def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: d
     missing = sorted(set(todo) - set(writer.done))
     if missing:
         raise JobError(f"parts {missing[:10]} did not receive all their rows; re-run the job to finish them")
-    return writer.done, _throughput(writer)
-
-
-def _throughput(writer: PartWriter) -> dict:
-    """Time to the first finished part: actor start-up and model load, seen from outside."""
-    if writer.first_part_at is None:
-        return {}
-    return {"startup_seconds": round(writer.first_part_at - writer.started, 3)}
+    return writer.done, writer.timing()
 
 
 # -- build: train once, fill shards in parallel ------------------------------------------
@@ -224,11 +151,11 @@ def run_index(cfg: IndexJobConfig) -> dict:
     log.info("%s version %s of %s", "resuming" if resumed else "building", version_name, redact(index.uri))
 
     t = time.time()
-    plan = version.read_json("plan", "plan.json") if version.exists("plan", "plan.json") else make_plan(version, spec, cfg.run.part_size)
+    plan = load_or_make_plan(version, spec, cfg.run.part_size)
     stages["list"] = time.time() - t
 
     t = time.time()
-    done = {int(n[5:10]): version.read_json("stats", n) for n in version.list_names("stats") if n.endswith(".json")}
+    done = finished_parts(version)
     todo = [p for p in range(plan["parts"]) if p not in done]
     new_parts, rates = embed_parts(version, todo, cfg, prep) if todo else ({}, {})
     done.update(new_parts)

@@ -148,6 +148,7 @@ def test_killed_driver_resumes_without_loss_or_duplicates(ray_session, s3_bucket
     resumed = run_index(cfg)
     assert resumed["resumed"] and resumed["version"] == "v000001"
     assert resumed["images_processed_this_run"] == len(photos) - 3 * 4  # finished parts were not redone
+    assert resumed["counts"]["failed"] == 0  # the killed run's workers reached S3 too (AWS_ENDPOINT_URL forwarded)
     manifest = IndexSearcher(index_uri, storage_options=options, load_vectors=False).manifest
     ids = all_ids(index, manifest)
     assert len(ids) == len(set(ids)) == len(photos)

@@ -1,0 +1,103 @@
+"""Resumable units of work shared by the jobs: a plan of parts, and the collector that
+writes each part as soon as all its rows have streamed back.
+
+A job lists its input once into `plan/part-NNNNN.parquet` (+ `plan/plan.json`, written
+last); every finished part leaves its output files and then `stats/part-NNNNN.json`, the
+completion marker, so a re-run processes only parts without a marker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, defaultdict
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import ray
+
+from storage.catalog import FAILURE_SCHEMA
+from storage.shard_store import part_file
+from storage.sources import SourceSpec, assign_ids, list_source, scan_container
+from storage.uris import Location, redact_text
+
+
+def make_plan(dest: Location, spec: SourceSpec, part_size: int) -> dict:
+    """List the source (containers scanned in parallel Ray tasks), cut it into parts, save it."""
+    listing = list_source(spec)
+    scan = ray.remote(num_cpus=0.5)(_scan_or_fail)
+    results = ray.get([scan.remote(uri, kind, etag, spec) for uri, kind, etag in listing.containers])
+    entries, skipped, failures = list(listing.files), Counter(listing.skipped), []
+    for found, skip, failure in results:
+        entries += found
+        skipped.update(skip)
+        failures += failure
+    table, duplicates = assign_ids(entries, spec.location().uri)
+    failures += duplicates
+    n_parts = max(1, -(-table.num_rows // part_size))
+    for p in range(n_parts):
+        part = table.slice(p * part_size, part_size)
+        dest.write_parquet(part.append_column("part", pa.array(np.full(part.num_rows, p, np.int32))), "plan", part_file(p))
+    dest.write_parquet(pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA), "failures", "listing.parquet")
+    plan = {"parts": n_parts, "entries": table.num_rows, "skipped": dict(skipped), "list_failures": len(failures),
+            "list_errors": dict(Counter(f["error_type"] for f in failures)),
+            "seen": table.num_rows + len(failures) + sum(skipped.values())}
+    dest.write_json(plan, "plan", "plan.json")  # written last: the plan's done marker
+    return plan
+
+
+def load_or_make_plan(dest: Location, spec: SourceSpec, part_size: int) -> dict:
+    return dest.read_json("plan", "plan.json") if dest.exists("plan", "plan.json") else make_plan(dest, spec, part_size)
+
+
+def _scan_or_fail(uri: str, kind: str, etag: str, spec: SourceSpec):
+    """A container that cannot be read (corrupt tar, bad Parquet) is one failures row."""
+    try:
+        entries, skipped = scan_container(uri, kind, etag, spec)
+        return entries, skipped, []
+    except Exception as exc:
+        row = {"image_id": None, "uri": uri, "key": None, "stage": "list", "error_type": type(exc).__name__,
+               "message": redact_text(str(exc))[:500]}
+        return [], Counter(), [row]
+
+
+def finished_parts(dest: Location) -> dict[int, dict]:
+    """Stats of every part whose completion marker exists."""
+    return {int(n[5:10]): dest.read_json("stats", n) for n in dest.list_names("stats") if n.endswith(".json")}
+
+
+class PartCollector:
+    """Groups streamed rows by their `part` column; calls `write(part, columns)` when a part is complete."""
+
+    def __init__(self, expected: dict[int, int], write: Callable[[int, dict[str, np.ndarray]], dict]):
+        self.expected, self.write = expected, write
+        self.rows: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
+        self.counts: Counter = Counter()
+        self.done: dict[int, dict] = {}
+        self.started = time.time()
+        self.first_part_at: float | None = None
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        for part in np.unique(batch["part"]):
+            sel = batch["part"] == part
+            self.rows[int(part)].append({k: v[sel] for k, v in batch.items()})
+            self.counts[int(part)] += int(sel.sum())
+            if self.counts[int(part)] == self.expected[int(part)]:
+                chunks = self.rows.pop(int(part))
+                self.done[int(part)] = self.write(int(part), {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
+                self.first_part_at = self.first_part_at or time.time()
+                _pause_for_fault_tests(len(self.done))
+
+    def timing(self) -> dict:
+        """Time to the first finished part: actor start-up and model load, seen from outside."""
+        return {} if self.first_part_at is None else {"startup_seconds": round(self.first_part_at - self.started, 3)}
+
+
+def _pause_for_fault_tests(parts_done: int) -> None:
+    """MLLM_INDEX_PAUSE_AFTER_PARTS=N parks the driver after N finished parts, so a test (or an
+    operator rehearsing a failure) can kill it at a known point and check the resume."""
+    limit = os.environ.get("MLLM_INDEX_PAUSE_AFTER_PARTS")
+    if limit and parts_done >= int(limit):
+        print(f"paused after {parts_done} parts (MLLM_INDEX_PAUSE_AFTER_PARTS)", flush=True)
+        time.sleep(3600)
