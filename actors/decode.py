@@ -16,8 +16,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from storage.sources import fetch_bytes
+from storage.uris import redact_text
 
-PASS_THROUGH = ("image_id", "key", "uri", "kind", "offset", "length", "etag", "part")
+PASS_THROUGH = ("image_id", "key", "uri", "kind", "offset", "length", "etag", "part", "bbox")
 
 
 class DecodeFailure(Exception):
@@ -77,8 +78,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB") if img.mode != "RGB" else img
 
 
-def decode_image(data: bytes, image_size: int, max_pixels: int, max_bytes: int) -> tuple[np.ndarray, int, int]:
-    """(pixels HxWx3 uint8 with long side == image_size, width, height); raises DecodeFailure."""
+def open_image(data: bytes, max_pixels: int, max_bytes: int, draft_long_side: int | None = None,
+               bbox=None) -> tuple[Image.Image, int, int]:
+    """(upright RGB image, width, height of the upright original); raises DecodeFailure.
+
+    The size check happens on the header, before any pixel is decoded. `draft_long_side`
+    lets libjpeg decode large JPEGs at 1/2, 1/4 or 1/8 scale (not used with a bbox, whose
+    coordinates refer to the full-resolution upright image, which is cropped to it).
+    """
     if not data:
         raise DecodeFailure("empty", "0 bytes")
     if len(data) > max_bytes:
@@ -96,10 +103,9 @@ def decode_image(data: bytes, image_size: int, max_pixels: int, max_bytes: int) 
             raise DecodeFailure("decode_error", f"invalid size {width}x{height}")
         if width * height > max_pixels:
             raise DecodeFailure("decompression_bomb", f"{width}x{height} = {width * height} pixels > decode.max_pixels={max_pixels}")
-        scale = image_size / max(width, height)
         try:
+            scale = draft_long_side / max(width, height) if draft_long_side and bbox is None else 1.0
             if img.format == "JPEG" and scale < 1:
-                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale: most of the cost of a large JPEG goes away.
                 img.draft("RGB", (max(1, int(width * scale + 1)), max(1, int(height * scale + 1))))
             img.load()
         except Exception as exc:
@@ -114,6 +120,24 @@ def decode_image(data: bytes, image_size: int, max_pixels: int, max_bytes: int) 
             img = to_rgb(img)
         except Exception as exc:
             raise DecodeFailure("unsupported_mode", f"mode {img.mode}: {type(exc).__name__}: {exc}") from None
+    if bbox is not None and np.all(np.isfinite(bbox)):
+        img = crop_to_bbox(img, bbox)
+    return img, width, height
+
+
+def crop_to_bbox(img: Image.Image, bbox) -> Image.Image:
+    """Crop to (x, y, w, h) in pixels, clipped to the image; an empty box is an error."""
+    x, y, w, h = (float(v) for v in bbox)
+    left, top = max(0, int(round(x))), max(0, int(round(y)))
+    right, bottom = min(img.width, int(round(x + w))), min(img.height, int(round(y + h)))
+    if right <= left or bottom <= top:
+        raise DecodeFailure("bad_bbox", f"bbox {tuple(bbox)} has no overlap with the {img.width}x{img.height} image")
+    return img.crop((left, top, right, bottom))
+
+
+def decode_image(data: bytes, image_size: int, max_pixels: int, max_bytes: int, bbox=None) -> tuple[np.ndarray, int, int]:
+    """(pixels HxWx3 uint8 with long side == image_size, width, height); raises DecodeFailure."""
+    img, width, height = open_image(data, max_pixels, max_bytes, draft_long_side=image_size, bbox=bbox)
     w, h = img.size
     scale = image_size / max(w, h)
     target = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -145,10 +169,11 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, fill: tuple[i
     stage, error_type, message = [""] * n, [""] * n, [""] * n
     for i, data in enumerate(payloads):
         if isinstance(data, BaseException):
-            stage[i], error_type[i], message[i] = "read", type(data).__name__, str(data)[:500]
+            stage[i], error_type[i], message[i] = "read", type(data).__name__, redact_text(str(data))[:500]
             continue
         try:
-            arr, width[i], height[i] = decode_image(data, image_size, max_pixels, max_bytes)
+            bbox = batch["bbox"][i] if "bbox" in batch else None
+            arr, width[i], height[i] = decode_image(data, image_size, max_pixels, max_bytes, bbox=bbox)
             pixels[i] = letterbox(arr, image_size, fill)
             ok[i] = True
         except DecodeFailure as exc:

@@ -106,6 +106,72 @@ class IndexJobConfig(Section):
         return self
 
 
+class QueriesConfig(Section):
+    uri: str | None = None  # folder/prefix of images, WebDataset shards, or Parquet (key + bytes, or key + uri)
+    format: Literal["auto", "files", "webdataset", "parquet"] = "auto"
+    image_extensions: list[str] | None = None
+    image_column: str = "image"
+    key_column: str | None = "key"
+    uri_column: str = "uri"  # Parquet query tables may point at images instead of holding them
+    bbox_column: str = "bbox"  # Parquet: optional [x, y, w, h] per query, in pixels of the upright image
+    bboxes_uri: str | None = None  # folder/WebDataset sets: a Parquet or JSON-lines table of key, bbox
+
+
+class SearchConfig(Section):
+    top_k: int = Field(100, gt=0)
+    nprobe: int | None = Field(None, gt=0)  # None: the value recorded in the index manifest
+    rescore: int | None = Field(None, ge=0)  # None: the manifest's exact re-score shortlist
+    concurrency: int = Field(1, gt=0)
+    num_cpus: float = Field(0.5, gt=0)
+    batch_size: int = Field(256, gt=0)
+
+
+class RerankerConfig(Section):
+    model: str | None = None  # HF id or local path of an image-text-to-text model; None: kNN order only
+    prompt: str = "Do these two images show the same object or place? Answer yes or no."
+    yes_words: list[str] = Field(default_factory=lambda: ["yes"])
+    no_words: list[str] = Field(default_factory=lambda: ["no"])
+    depth: int = Field(100, gt=0)  # how many kNN candidates per query are re-scored
+    max_pixels: int = Field(448 * 448, gt=0)  # per image, bounds the visual tokens
+    batch_size: int = Field(8, gt=0)  # pairs per forward pass
+    queries_per_batch: int = Field(4, gt=0)  # queries handed to one actor call (their candidates are fetched once)
+    symmetric: bool = False  # average the (query, candidate) and (candidate, query) prompts
+    fusion_weight: float = Field(0.0, ge=0, le=1)  # final = (1-w) * rerank + w * kNN score
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    concurrency: int | None = Field(None, gt=0)
+    num_gpus: float | None = Field(None, ge=0)
+    num_cpus: float | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class RerankRunConfig(Section):
+    part_size: int = Field(256, gt=0)  # queries per result part (the resumable unit)
+    run_id: str | None = None  # None: derived from the settings
+    ray_address: str | None = None
+
+
+class RerankJobConfig(Section):
+    queries: QueriesConfig = Field(default_factory=QueriesConfig)
+    index_uri: str | None = None
+    index_version: str | None = None  # None: LATEST at the start of the run (recorded for resumes)
+    output_uri: str | None = None
+    query_model: str | None = None  # if set, must equal the index's model (a check, not a choice)
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    reranker: RerankerConfig = Field(default_factory=RerankerConfig)
+    run: RerankRunConfig = Field(default_factory=RerankRunConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+
+    def require(self) -> "RerankJobConfig":
+        missing = [f for f, v in (("queries.uri", self.queries.uri), ("index_uri", self.index_uri),
+                                  ("output_uri", self.output_uri)) if not v]
+        if missing:
+            raise ConfigError(f"missing required setting(s): {', '.join(missing)} (give them in the config file, "
+                              "as positional arguments, or with --set)")
+        return self
+
+
 def _format_error(cls: type[BaseModel], err: ValidationError) -> str:
     lines = []
     for e in err.errors():

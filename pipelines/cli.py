@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from configs.schema import ConfigError, IndexJobConfig, load_config
+from configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
 from storage.uris import StorageError, redact_text
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
@@ -54,6 +54,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="vision backbone: Hugging Face id or local path (e.g. facebook/dinov2-small)")
     _add_config_args(p)
 
+    p = sub.add_parser("rerank", help="re-rank the kNN top-k of a query set with an MLLM",
+                       description="Embed a query set with the index's backbone, take the kNN top-k from an index "
+                       "version, score each (query, candidate) pair with a multimodal LLM (P(yes) of the next token) "
+                       "and write Parquet result tables. Re-running resumes unfinished parts.")
+    p.add_argument("queries", nargs="?", help="query set URI: images, WebDataset shards or Parquet; or queries.uri")
+    p.add_argument("index", nargs="?", help="index root URI (its LATEST version unless index_version is set)")
+    p.add_argument("output", nargs="?", help="output URI for this run's result tables")
+    p.add_argument("--model", help="re-ranking MLLM: HF id or local path (omit for the kNN order only)")
+    p.add_argument("--top-k", type=int, help="candidates per query (search.top_k)")
+    p.add_argument("--depth", type=int, help="how many of them the MLLM re-scores (reranker.depth)")
+    _add_config_args(p)
+
     p = sub.add_parser("demo", help="build an index from a small gallery made from the bundled photos, offline",
                        description="Offline quick start: generates a gallery from the photos shipped with the "
                        "package (with a few broken files), builds a tiny random vision backbone locally, runs the "
@@ -82,6 +94,16 @@ def main(argv: list[str] | None = None) -> int:
                                                             "model.name": args.model}, args.overrides).require()
             init_ray(cfg.run.ray_address)
             _print_summary(run_index(cfg), args.json)
+        elif args.command == "rerank":
+            from pipelines.rerank import format_summary, run_rerank
+
+            cfg = load_config(RerankJobConfig, args.config, {"queries.uri": args.queries, "index_uri": args.index,
+                                                             "output_uri": args.output, "reranker.model": args.model,
+                                                             "search.top_k": args.top_k, "reranker.depth": args.depth},
+                              args.overrides).require()
+            init_ray(cfg.run.ray_address)
+            summary = run_rerank(cfg)
+            print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
         elif args.command == "demo":
             from pipelines.demo import run_demo
 

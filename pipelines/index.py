@@ -16,13 +16,13 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.decode import decode_batch
-from actors.embed import EmbedImages, load_preprocessing
-from configs.schema import ConfigError, IndexJobConfig
+from actors.embed import load_preprocessing
+from configs.schema import IndexJobConfig
 from storage.catalog import CATALOG_SCHEMA, FAILURE_SCHEMA, embeddings_table
 from storage.faiss_store import default_factory, train_sample_size
 from storage.shard_store import TRAINED, build_shard, part_file, shard_file, train_version
 from pipelines.parts import PartCollector, finished_parts, load_or_make_plan
+from pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
 from storage.sources import DEFAULT_IMAGE_EXTENSIONS, SourceSpec
 from storage.uris import Location, check_under_roots, redact
 from storage.versions import begin_version, fingerprint, publish
@@ -55,23 +55,6 @@ def write_index_part(version: Location, part: int, cols: dict[str, np.ndarray]) 
     return stats
 
 
-def embed_resources(cfg: IndexJobConfig) -> dict:
-    """Actor resources that fit the cluster; on CPU, always leave room for decode tasks."""
-    cluster = ray.cluster_resources()
-    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
-    use_gpu = cfg.embed.device != "cpu" and (cfg.embed.num_gpus or 0) + gpus > 0 and cfg.embed.num_gpus != 0
-    num_gpus = (cfg.embed.num_gpus if cfg.embed.num_gpus is not None else 1) if use_gpu else 0
-    concurrency = cfg.embed.concurrency or (max(1, int(gpus // max(num_gpus, 1e-9))) if use_gpu else 1)
-    num_cpus = cfg.embed.num_cpus or (1.0 if use_gpu else max(0.5, cpus // 4))
-    if not use_gpu and num_cpus * concurrency > cpus - min(1, cfg.decode.num_cpus):
-        raise ConfigError(
-            f"embed.num_cpus x embed.concurrency = {num_cpus * concurrency:g} leaves no CPU for decode and write tasks "
-            f"on a cluster with {cpus:g} CPUs; lower embed.num_cpus (fractions are allowed) or embed.concurrency"
-        )
-    return {"num_gpus": num_gpus, "num_cpus": num_cpus, "concurrency": concurrency,
-            "device": "cuda" if use_gpu else "cpu", "num_threads": max(1, int(num_cpus))}
-
-
 def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: dict) -> dict[int, dict]:
     tables = [version.read_parquet("plan", part_file(p)) for p in todo]
     expected = {p: t.num_rows for p, t in zip(todo, tables)}
@@ -82,23 +65,9 @@ def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: d
     tables = [t for t in tables if t.num_rows]
     if not tables:
         return writer.done, {}
-    res = embed_resources(cfg)
-    # SPREAD puts decode on every CPU node. The two explicit, different strategies also keep
-    # Ray Data from fusing decode into the embed actors (it fuses ops whose remote args
-    # match), which would run all decoding serially inside the actors.
-    ds = ray.data.from_arrow(tables).map_batches(
-        decode_batch, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
-        scheduling_strategy="SPREAD",
-        fn_kwargs=dict(image_size=prep["image_size"], fill=tuple(prep["fill"]), max_pixels=cfg.decode.max_pixels,
-                       max_bytes=cfg.decode.max_bytes, storage_options=cfg.storage.options, image_column=cfg.source.image_column),
-    ).map_batches(
-        EmbedImages, batch_size=cfg.embed.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=res["concurrency"]), scheduling_strategy="DEFAULT",
-        num_gpus=res["num_gpus"], num_cpus=res["num_cpus"],
-        fn_constructor_kwargs=dict(model=cfg.model.name, image_size=prep["image_size"], image_mean=prep["image_mean"],
-                                   image_std=prep["image_std"], pooling=cfg.model.pooling, gem_p=cfg.model.gem_p,
-                                   dtype=cfg.model.dtype, device=res["device"], num_threads=res["num_threads"]),
-    )
+    res = actor_resources(cfg.embed, "embed")
+    plan_actor_pools([res], cfg.decode.num_cpus)
+    ds = decode_and_embed(tables, cfg, cfg.model.model_dump(), prep, cfg.source.image_column, res)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         writer.add(batch)
     missing = sorted(set(todo) - set(writer.done))

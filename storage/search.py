@@ -85,3 +85,30 @@ class IndexSearcher:
             order = np.argsort(exact, axis=1, kind="stable")
         ids = np.where(valid, ids, -1)
         return np.take_along_axis(exact, order, 1).astype(np.float32), np.take_along_axis(ids, order, 1)
+
+
+class Catalog:
+    """image_id -> where the image is (key, uri, kind, offset, length), for one index version."""
+
+    COLUMNS = ["image_id", "key", "uri", "kind", "offset", "length"]
+
+    def __init__(self, location: Location, version: str, manifest: dict):
+        import pyarrow as pa
+
+        parts = [location.read_parquet("versions", version, "catalog", name, columns=self.COLUMNS)
+                 for name in manifest["catalog"]["parts"]]
+        table = pa.concat_tables(parts).sort_by("image_id") if parts else None
+        self.columns = {c: (table.column(c).to_numpy(zero_copy_only=False) if table is not None else np.zeros(0))
+                        for c in self.COLUMNS}
+
+    def lookup(self, ids: np.ndarray) -> list[dict | None]:
+        """Catalog rows for ids, in order; None for an id the catalog does not know."""
+        known = self.columns["image_id"]
+        rows = np.clip(np.searchsorted(known, ids), 0, max(len(known) - 1, 0))
+        out = []
+        for image_id, row in zip(ids, rows):
+            if len(known) and known[row] == image_id:
+                out.append({c: self.columns[c][row] for c in self.COLUMNS})
+            else:
+                out.append(None)
+        return out

@@ -37,6 +37,7 @@ class SourceSpec:
     image_column: str = "image"
     key_column: str | None = "key"
     storage_options: dict = field(default_factory=dict)
+    uri_column: str | None = None  # Parquet tables that point at images (key + uri) instead of holding them
 
     def location(self) -> Location:
         return Location(self.uri, self.storage_options)
@@ -124,6 +125,8 @@ def scan_parquet(uri: str, etag: str, spec: SourceSpec) -> tuple[list[dict], Cou
     with loc.fs.open(loc.fs._strip_protocol(uri), "rb") as f:
         pfile = pq.ParquetFile(f)
         names = pfile.schema_arrow.names
+        if spec.image_column not in names and spec.uri_column in names:
+            return _parquet_uri_entries(pfile, uri, spec), Counter()
         if spec.image_column not in names:
             raise KeyError(f"parquet {uri}: no image column {spec.image_column!r} (columns: {names})")
         key_col = spec.key_column if spec.key_column in names else None
@@ -138,6 +141,38 @@ def scan_parquet(uri: str, etag: str, spec: SourceSpec) -> tuple[list[dict], Cou
                 entries.append(dict(key=key, uri=uri, kind=KIND_PARQUET, offset=row, length=len(cell or b""), etag=etag))
                 row += 1
     return entries, Counter()
+
+
+def _parquet_uri_entries(pfile: pq.ParquetFile, uri: str, spec: SourceSpec) -> list[dict]:
+    """Rows of key + uri: each uri is a whole image file (length -1: read to the end)."""
+    cols = [spec.uri_column] + ([spec.key_column] if spec.key_column in pfile.schema_arrow.names else [])
+    table = pfile.read(columns=cols)
+    uris = table.column(spec.uri_column).to_pylist()
+    keys = table.column(spec.key_column).to_pylist() if len(cols) == 2 else [posixpath.basename(u or "") for u in uris]
+    return [dict(key=str(k), uri=u, kind=KIND_FILE, offset=0, length=-1, etag="") for k, u in zip(keys, uris) if u]
+
+
+def read_bboxes(uri: str, storage_options: dict, key_column: str = "key", bbox_column: str = "bbox") -> dict[str, tuple]:
+    """key -> (x, y, w, h) from a Parquet or JSON-lines table (e.g. Revisited Oxford / ILIAS query boxes)."""
+    loc = Location(uri, storage_options)
+    data = loc.fs.cat_file(loc.root)
+    if uri.endswith((".jsonl", ".json")):
+        import json
+
+        rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    else:
+        import io
+
+        table = pq.read_table(io.BytesIO(data))
+        rows = table.select([key_column, bbox_column]).to_pylist() if bbox_column in table.column_names else []
+    out = {}
+    for row in rows:
+        box = row.get(bbox_column)
+        if box is not None:
+            if len(box) != 4:
+                raise ValueError(f"{uri}: bbox of {row.get(key_column)!r} must be [x, y, w, h], got {box}")
+            out[str(row[key_column])] = tuple(float(v) for v in box)
+    return out
 
 
 def scan_container(uri: str, kind: str, etag: str, spec: SourceSpec) -> tuple[list[dict], Counter]:
@@ -178,7 +213,7 @@ def fetch_bytes(entries: list[dict], storage_options: dict, image_column: str = 
     if ranged:
         paths = [fs._strip_protocol(entries[i]["uri"]) for i in ranged]
         starts = [int(entries[i]["offset"]) for i in ranged]
-        ends = [int(entries[i]["offset"]) + int(entries[i]["length"]) for i in ranged]
+        ends = [int(entries[i]["offset"]) + int(entries[i]["length"]) if int(entries[i]["length"]) >= 0 else None for i in ranged]
         try:
             results = fs.cat_ranges(paths, starts, ends, on_error="return")
         except Exception as exc:  # a filesystem without on_error support, or a dead connection

@@ -1,0 +1,56 @@
+"""Ray Data stages shared by the jobs, and the resources their actor pools may take.
+
+On a CPU-only cluster every actor pool holds its CPUs for the whole run; if the pools take
+them all, Ray Data cannot schedule a single decode task and the job hangs (two 1-CPU
+actors on a 2-core machine do exactly that). `plan_actor_pools` refuses such settings.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from actors.decode import decode_batch
+from actors.embed import EmbedImages
+from configs.schema import ConfigError
+
+
+def actor_resources(section, field: str) -> dict:
+    """Resources of one actor pool from a config section with device/num_gpus/num_cpus/concurrency."""
+    cluster = ray.cluster_resources()
+    cpus, gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    use_gpu = section.device != "cpu" and section.num_gpus != 0 and ((section.num_gpus or 0) > 0 or gpus > 0)
+    num_gpus = (section.num_gpus if section.num_gpus is not None else 1) if use_gpu else 0
+    concurrency = section.concurrency or (max(1, int(gpus // max(num_gpus, 1e-9))) if use_gpu else 1)
+    num_cpus = section.num_cpus or (1.0 if use_gpu else max(0.5, cpus // 4))
+    return {"field": field, "num_gpus": num_gpus, "num_cpus": num_cpus, "concurrency": concurrency,
+            "device": "cuda" if use_gpu else "cpu", "num_threads": max(1, int(num_cpus))}
+
+
+def plan_actor_pools(pools: list[dict], decode_cpus: float) -> None:
+    """Refuse pools whose CPUs leave no room for one decode task."""
+    cpus = ray.cluster_resources().get("CPU", 0)
+    held = sum(p["num_cpus"] * p["concurrency"] for p in pools)
+    if held > cpus - min(1.0, decode_cpus):
+        names = ", ".join(f"{p['field']}.num_cpus x {p['field']}.concurrency = {p['num_cpus'] * p['concurrency']:g}" for p in pools)
+        raise ConfigError(f"actor pools hold {held:g} of the cluster's {cpus:g} CPUs ({names}), leaving none for "
+                          "decode and write tasks; lower num_cpus (fractions are allowed) or concurrency")
+
+
+def decode_and_embed(tables: list, cfg, model: dict, prep: dict, image_column: str, embed_res: dict) -> "ray.data.Dataset":
+    """Catalog-like rows -> decoded, letterboxed pixels (tasks) -> L2-normalised embeddings (actors)."""
+    # SPREAD puts decode on every CPU node. The two explicit, different strategies also keep
+    # Ray Data from fusing decode into the embed actors (it fuses ops whose remote args
+    # match), which would run all decoding serially inside the actors.
+    return ray.data.from_arrow(tables).map_batches(
+        decode_batch, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
+        scheduling_strategy="SPREAD",
+        fn_kwargs=dict(image_size=prep["image_size"], fill=tuple(prep["fill"]), max_pixels=cfg.decode.max_pixels,
+                       max_bytes=cfg.decode.max_bytes, storage_options=cfg.storage.options, image_column=image_column),
+    ).map_batches(
+        EmbedImages, batch_size=cfg.embed.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=embed_res["concurrency"]), scheduling_strategy="DEFAULT",
+        num_gpus=embed_res["num_gpus"], num_cpus=embed_res["num_cpus"],
+        fn_constructor_kwargs=dict(model=model["name"], image_size=prep["image_size"], image_mean=prep["image_mean"],
+                                   image_std=prep["image_std"], pooling=model["pooling"], gem_p=model["gem_p"],
+                                   dtype=model["dtype"], device=embed_res["device"], num_threads=embed_res["num_threads"]),
+    )
