@@ -27,7 +27,8 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from actors.decode import decode_image, letterbox
 from actors.embed import EmbedImages, load_preprocessing
-from pipelines.demo import bundled_photos, make_tiny_backbone
+from pipelines.demo import bundled_photos
+from pipelines.tiny_models import make_tiny_backbone
 
 
 def make_gallery(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:

@@ -9,38 +9,19 @@ together, which is what the demo's searches show; pass --model for a real backbo
 from __future__ import annotations
 
 import io
-import json
 import random
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from pipelines.tiny_models import make_tiny_backbone
+
 PHOTOS = Path(__file__).parent / "data" / "photos"
 
 
 def bundled_photos() -> list[Path]:
     return sorted(PHOTOS.glob("*.jpg"))
-
-
-def make_tiny_backbone(path: str | Path, image_size: int = 112, hidden: int = 64, layers: int = 2) -> str:
-    """A small random DINOv2 plus its preprocessor config, saved like a hub checkpoint."""
-    import torch
-    from transformers import Dinov2Config, Dinov2Model
-
-    path = Path(path)
-    if (path / "config.json").exists():
-        return str(path)
-    torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden,
-                          image_size=image_size, patch_size=14)
-    Dinov2Model(config).eval().save_pretrained(path)
-    (path / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "BitImageProcessor", "do_center_crop": True,
-        "crop_size": {"height": image_size, "width": image_size}, "size": {"shortest_edge": image_size},
-        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
-    }, indent=2))
-    return str(path)
 
 
 def variants(img: Image.Image, rng: random.Random) -> dict[str, Image.Image]:

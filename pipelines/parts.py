@@ -23,8 +23,12 @@ from storage.sources import SourceSpec, assign_ids, list_source, scan_container
 from storage.uris import Location, redact_text
 
 
-def make_plan(dest: Location, spec: SourceSpec, part_size: int) -> dict:
-    """List the source (containers scanned in parallel Ray tasks), cut it into parts, save it."""
+def make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA) -> dict:
+    """List the source (containers scanned in parallel Ray tasks), cut it into parts, save it.
+
+    Listing failures go to failures/listing.parquet in the job's failure schema, so the whole
+    failures/ folder reads as one table (a query job's failures also carry `query_id`).
+    """
     listing = list_source(spec)
     scan = ray.remote(num_cpus=0.5)(_scan_or_fail)
     results = ray.get([scan.remote(uri, kind, etag, spec) for uri, kind, etag in listing.containers])
@@ -39,7 +43,8 @@ def make_plan(dest: Location, spec: SourceSpec, part_size: int) -> dict:
     for p in range(n_parts):
         part = table.slice(p * part_size, part_size)
         dest.write_parquet(part.append_column("part", pa.array(np.full(part.num_rows, p, np.int32))), "plan", part_file(p))
-    dest.write_parquet(pa.Table.from_pylist(failures, schema=FAILURE_SCHEMA), "failures", "listing.parquet")
+    rows = [dict(f, query_id=f["image_id"]) for f in failures] if "query_id" in failure_schema.names else failures
+    dest.write_parquet(pa.Table.from_pylist(rows, schema=failure_schema), "failures", "listing.parquet")
     plan = {"parts": n_parts, "entries": table.num_rows, "skipped": dict(skipped), "list_failures": len(failures),
             "list_errors": dict(Counter(f["error_type"] for f in failures)),
             "seen": table.num_rows + len(failures) + sum(skipped.values())}
@@ -47,8 +52,10 @@ def make_plan(dest: Location, spec: SourceSpec, part_size: int) -> dict:
     return plan
 
 
-def load_or_make_plan(dest: Location, spec: SourceSpec, part_size: int) -> dict:
-    return dest.read_json("plan", "plan.json") if dest.exists("plan", "plan.json") else make_plan(dest, spec, part_size)
+def load_or_make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA) -> dict:
+    if dest.exists("plan", "plan.json"):
+        return dest.read_json("plan", "plan.json")
+    return make_plan(dest, spec, part_size, failure_schema)
 
 
 def _scan_or_fail(uri: str, kind: str, etag: str, spec: SourceSpec):

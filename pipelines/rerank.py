@@ -39,7 +39,7 @@ RESULT_SCHEMA = pa.schema([
     ("image_id", pa.int64()), ("key", pa.string()), ("uri", pa.string()), ("knn_rank", pa.int32()),
     ("knn_score", pa.float32()), ("rerank_score", pa.float32()), ("final_score", pa.float32()), ("reranker", pa.string()),
 ])
-QUERY_FAILURE_SCHEMA = pa.schema([("query_id", pa.int64())] + list(FAILURE_SCHEMA))
+QUERY_FAILURE_SCHEMA = pa.schema(list(FAILURE_SCHEMA) + [("query_id", pa.int64())])
 
 
 def query_spec(cfg: RerankJobConfig) -> SourceSpec:
@@ -132,7 +132,7 @@ def run_rerank(cfg: RerankJobConfig) -> dict:
 
     spec = query_spec(cfg)
     t = time.time()
-    plan = load_or_make_plan(out, spec, cfg.run.part_size)
+    plan = load_or_make_plan(out, spec, cfg.run.part_size, QUERY_FAILURE_SCHEMA)
     boxes = query_bboxes(cfg, spec)
     stages = {"list": time.time() - t}
     done = finished_parts(out)

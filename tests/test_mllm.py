@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from vlm_models import BUILDERS
+from pipelines.tiny_models import BUILDERS
 
 from actors.mllm import MLLMScorer, answer_token_ids, cap_pixels, load_processor
 

@@ -1,4 +1,6 @@
-"""Tiny random multimodal LLMs of each supported family, built offline.
+"""Tiny random models built offline: a DINOv2 backbone and multimodal LLMs of each supported family.
+
+Used by the demo, the tests and the benchmarks, where no weights can be downloaded.
 
 Each has a byte-level BPE tokenizer trained here with the `tokenizers` library (plus the
 family's special tokens), a chat template written for the test, the family's real image
@@ -9,6 +11,7 @@ a hub id.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -16,6 +19,26 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from actors.mllm import DEFAULT_PROMPT, video_kwargs, without_video_processor
+
+
+def make_tiny_backbone(path: str | Path, image_size: int = 112, hidden: int = 64, layers: int = 2) -> str:
+    """A small random DINOv2 plus its preprocessor config, saved like a hub checkpoint."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return str(path)
+    torch.manual_seed(0)
+    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=2 * hidden,
+                          image_size=image_size, patch_size=14)
+    Dinov2Model(config).eval().save_pretrained(path)
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "BitImageProcessor", "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size}, "size": {"shortest_edge": image_size},
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225],
+    }, indent=2))
+    return str(path)
+
 
 CORPUS = [DEFAULT_PROMPT, "Yes", "No", "yes", "no", " yes", " no", "user assistant system", "Are they the same?"] * 20
 TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}IMAGE"
@@ -29,7 +52,7 @@ def tokenizer(specials: list[str]) -> PreTrainedTokenizerFast:
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>"] + specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", extra_special_tokens={} or None)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
 def _text(vocab: int, **extra) -> dict:

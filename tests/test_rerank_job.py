@@ -1,0 +1,163 @@
+"""The rerank job end to end: moto S3 on 127.0.0.1, local Ray, a planted tiny Qwen2-VL."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from galleries import write_files
+from PIL import Image
+from pipelines.tiny_models import build_qwen2_vl
+
+from actors.decode import open_image
+from actors.mllm import MLLMScorer
+from configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
+from pipelines.demo import bundled_photos
+from pipelines.index import run_index
+from pipelines.rerank import RESULT_SCHEMA, run_rerank
+from storage.catalog import image_id
+from storage.uris import Location
+
+pytestmark = pytest.mark.e2e
+TOP_K, DEPTH, MAX_PIXELS = 6, 4, 112 * 112
+
+
+@pytest.fixture(scope="module")
+def planted_vlm(tmp_path_factory) -> str:
+    """A tiny Qwen2-VL whose yes/no logits are +v.h / -v.h: its answer depends on the images."""
+    path = Path(build_qwen2_vl(tmp_path_factory.mktemp("planted") / "qwen2-vl"))
+    scorer = MLLMScorer(str(path))
+    direction = 0.05 * torch.randn(scorer.model.lm_head.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        scorer.model.lm_head.weight[scorer.yes_ids] = direction
+        scorer.model.lm_head.weight[scorer.no_ids] = -direction
+    scorer.model.save_pretrained(path)
+    return str(path)
+
+
+def jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def setup(ray_session, s3_endpoint, tiny_dinov2, tmp_path_factory):
+    import s3fs
+
+    options = {"endpoint_url": s3_endpoint}
+    bucket = "rerank-e2e"
+    s3fs.S3FileSystem(**options).mkdir(bucket)
+    gallery = {}
+    for path in bundled_photos()[:6]:
+        img = Image.open(path).convert("RGB")
+        img.thumbnail((256, 256))
+        w, h = img.size
+        gallery[f"{path.stem}/orig.jpg"] = jpeg(img)
+        gallery[f"{path.stem}/crop.jpg"] = jpeg(img.crop((w // 8, h // 8, w - w // 8, h - h // 8)))
+    source = Location(f"s3://{bucket}/gallery", options)
+    write_files(source, gallery)
+    index_uri = f"s3://{bucket}/index"
+    run_index(load_config(IndexJobConfig, None, {"source.uri": source.uri, "index.uri": index_uri, "model.name": tiny_dinov2,
+                                                 "storage.options": options, "run.part_size": 8}))
+    # Queries: a Parquet table (key, image bytes, optional bbox), as Revisited Oxford / ILIAS queries come.
+    keys, images, boxes = [], [], []
+    for i, path in enumerate(bundled_photos()[:4]):
+        img = Image.open(path).convert("RGB")
+        img.thumbnail((200, 200))
+        keys.append(f"q{i}")
+        images.append(jpeg(img))
+        boxes.append([10.0, 10.0, img.width - 20.0, img.height - 20.0] if i % 2 else None)
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": keys, "image": pa.array(images, pa.binary()),
+                             "bbox": pa.array(boxes, pa.list_(pa.float32()))}), buf)
+    Location(f"s3://{bucket}/queries", options).write_bytes(buf.getvalue(), "queries.parquet")
+    missing = f"{bundled_photos()[0].stem}/crop.jpg"  # deleted after indexing: a candidate that cannot be read
+    source.delete(missing)
+    return dict(bucket=bucket, options=options, index_uri=index_uri, source=source.uri, gallery=gallery, missing=missing,
+                queries=dict(zip(keys, zip(images, boxes))))
+
+
+def rerank_config(setup, output: str, model: str | None, **sets) -> RerankJobConfig:
+    base = {"queries.uri": f"s3://{setup['bucket']}/queries", "index_uri": setup["index_uri"], "output_uri": output,
+            "reranker.model": model, "storage.options": setup["options"]}
+    overrides = [f"search.top_k={TOP_K}", f"reranker.depth={DEPTH}", f"reranker.max_pixels={MAX_PIXELS}",
+                 "run.part_size=2", "reranker.queries_per_batch=2"] + [f"{k}={v}" for k, v in sets.items()]
+    return load_config(RerankJobConfig, None, base, overrides)
+
+
+def read_results(out: Location) -> pa.Table:
+    return pa.concat_tables([out.read_parquet("results", n) for n in out.list_names("results")])
+
+
+def test_rerank_end_to_end(setup, planted_vlm):
+    out_uri = f"s3://{setup['bucket']}/runs/planted"
+    summary = run_rerank(rerank_config(setup, out_uri, planted_vlm))
+    out = Location(out_uri, setup["options"])
+    assert summary["queries"] == {"seen": 4, "ok": 4, "failed": 0, "skipped": 0} and summary["parts"] == 2
+    results = read_results(out)
+    assert results.schema == RESULT_SCHEMA
+    rows = results.to_pylist()
+    by_query = {}
+    for r in rows:
+        by_query.setdefault(r["query_key"], []).append(r)
+    assert sorted(by_query) == ["q0", "q1", "q2", "q3"]
+
+    scorer = MLLMScorer(planted_vlm, max_pixels=MAX_PIXELS)
+    missing_id = image_id(setup["source"], setup["missing"])
+    changed = 0
+    for key, group in by_query.items():
+        group.sort(key=lambda r: r["rank"])
+        assert [r["rank"] for r in group] == list(range(1, TOP_K + 1))
+        assert len({r["image_id"] for r in group}) == TOP_K
+        head, tail = group[:DEPTH], group[DEPTH:]
+        assert [r["knn_rank"] for r in tail] == sorted(r["knn_rank"] for r in tail)  # beyond the depth: kNN order
+        assert all(np.isnan(r["rerank_score"]) for r in tail)
+        scored = [r for r in head if not np.isnan(r["rerank_score"])]
+        assert [r["final_score"] for r in scored] == sorted((r["final_score"] for r in scored), reverse=True)
+        for r in head:
+            if r["image_id"] == missing_id:  # unreadable: no score, and it keeps its kNN position
+                assert np.isnan(r["rerank_score"]) and r["rank"] == r["knn_rank"]
+        changed += [r["knn_rank"] for r in head] != sorted(r["knn_rank"] for r in head)
+        # The score is the model's P(yes) for (query crop, candidate), recomputed outside the job.
+        data, box = setup["queries"][key]
+        query = open_image(data, 10**9, 10**9, bbox=np.array(box, np.float32) if box else None)[0]
+        pairs = [(query, open_image(setup["gallery"][r["key"]], 10**9, 10**9, draft_long_side=2 * int(MAX_PIXELS ** 0.5))[0])
+                 for r in scored]
+        np.testing.assert_allclose([r["rerank_score"] for r in scored], scorer.score(pairs), atol=1e-4)
+    assert changed >= 1  # the planted model's answers really re-ordered some query's candidates
+
+    failures = pa.concat_tables([out.read_parquet("failures", n) for n in out.list_names("failures")]).to_pylist()
+    hits = [f for f in failures if f["image_id"] == missing_id]
+    assert hits and all(f["stage"] == "candidate" and f["key"] == setup["missing"] for f in hits)
+    assert summary["candidate_failures"] == len(hits)
+
+    # Interrupted run: part 1 lost its output and marker; the re-run redoes only that part.
+    before = read_results(out).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    out.delete("stats", "part-00001.json")
+    out.delete("results", "part-00001.parquet")
+    again = run_rerank(rerank_config(setup, out_uri, planted_vlm))
+    assert again["parts_this_run"] == 1 and again["run_id"] == summary["run_id"]
+    after = read_results(out).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+    assert after.num_rows == before.num_rows == 4 * TOP_K
+    assert after.column("image_id").to_pylist() == before.column("image_id").to_pylist()
+    np.testing.assert_allclose(after.column("rerank_score").to_numpy(zero_copy_only=False),
+                               before.column("rerank_score").to_numpy(zero_copy_only=False), atol=1e-5)
+
+    with pytest.raises(ConfigError, match="other settings"):
+        run_rerank(rerank_config(setup, out_uri, planted_vlm, **{"reranker.depth": 2}))
+
+
+def test_knn_only_run_and_model_mismatch(setup, tiny_clip):
+    out_uri = f"s3://{setup['bucket']}/runs/knn"
+    summary = run_rerank(rerank_config(setup, out_uri, None))
+    assert summary["reranker"] == "knn" and summary["pairs_scored_this_run"] == 0
+    rows = read_results(Location(out_uri, setup["options"])).to_pylist()
+    assert all(r["rank"] == r["knn_rank"] and np.isnan(r["rerank_score"]) for r in rows)
+    with pytest.raises(ConfigError, match="was built with"):
+        run_rerank(rerank_config(setup, f"s3://{setup['bucket']}/runs/other", None, query_model=tiny_clip))
