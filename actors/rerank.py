@@ -14,7 +14,7 @@ import json
 import numpy as np
 
 from actors.decode import DecodeFailure, open_image
-from actors.mllm import MLLMScorer
+from actors.mllm import MLLMScorer, cap_pixels
 from storage.search import Catalog
 from storage.sources import fetch_bytes
 from storage.uris import Location, redact_text
@@ -45,7 +45,7 @@ class RerankCandidates:
         self.catalog = Catalog(index, version, read_manifest(index, version))
         self.storage_options, self.image_column, self.decode = storage_options, image_column, decode
         self.depth, self.weight, self.symmetric = reranker["depth"], reranker["fusion_weight"], reranker["symmetric"]
-        self.draft = int(2 * reranker["max_pixels"] ** 0.5)
+        self.draft, self.max_pixels = int(2 * reranker["max_pixels"] ** 0.5), reranker["max_pixels"]
         self.scorer = None
         if reranker.get("model"):
             self.scorer = MLLMScorer(reranker["model"], reranker["prompt"], reranker["yes_words"], reranker["no_words"],
@@ -57,7 +57,7 @@ class RerankCandidates:
             raise DecodeFailure(type(data).__name__, redact_text(str(data)))
         # JPEG draft decoding down to ~2x what the scorer keeps (it caps pixels per image anyway).
         image, _, _ = open_image(data, self.decode["max_pixels"], self.decode["max_bytes"], draft_long_side=self.draft, bbox=bbox)
-        return image
+        return cap_pixels(image, self.max_pixels)  # once per image, not once per pair it appears in
 
     def _candidates(self, ids: np.ndarray) -> tuple[dict, dict]:
         """Decoded images of the unique ids, and id -> failure for the ones that could not be had."""

@@ -125,7 +125,6 @@ def build_llava_onevision(path: Path) -> str:
 
 
 def _save(path: Path, processor, model) -> str:
-    torch.manual_seed(0)
     model = model.eval()
     path.mkdir(parents=True, exist_ok=True)
     processor.save_pretrained(path)
@@ -133,10 +132,18 @@ def _save(path: Path, processor, model) -> str:
     return str(path)
 
 
+def _seeded(build):
+    """The same random weights on every build (seeded before the model is constructed)."""
+    def wrapper(path: Path) -> str:
+        torch.manual_seed(0)
+        return build(path)
+    return wrapper
+
+
 BUILDERS = {
-    "qwen2_vl": lambda p: build_qwen2_vl(p),
-    "qwen2_5_vl": lambda p: build_qwen2_vl(p, v25=True),
-    "idefics3": lambda p: build_idefics3(p),
-    "smolvlm": lambda p: build_idefics3(p, smolvlm=True),
-    "llava_onevision": build_llava_onevision,
+    "qwen2_vl": _seeded(lambda p: build_qwen2_vl(p)),
+    "qwen2_5_vl": _seeded(lambda p: build_qwen2_vl(p, v25=True)),
+    "idefics3": _seeded(lambda p: build_idefics3(p)),
+    "smolvlm": _seeded(lambda p: build_idefics3(p, smolvlm=True)),
+    "llava_onevision": _seeded(build_llava_onevision),
 }

@@ -62,14 +62,15 @@ def test_score_is_p_yes_from_the_next_token_logits(vlm_dir):
         head[scorer.no_ids] = 0
     np.testing.assert_allclose(scorer.score(pairs()), 0.5, atol=1e-6)  # only the yes/no logits enter the score
 
-    direction = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0)) * 0.5
+    capped = [[cap_pixels(q, scorer.max_pixels), cap_pixels(c, scorer.max_pixels)] for q, c in pairs()]
+    inputs = scorer.processor(images=capped, text=[scorer.text] * 4, return_tensors="pt", padding=True)
+    with torch.no_grad():  # the last hidden state does not depend on the LM head
+        hidden = scorer.model(**inputs, output_hidden_states=True).hidden_states[-1][:, -1]
+    direction = torch.randn(head.shape[1], generator=torch.Generator().manual_seed(0))
+    direction = direction / (2 * (hidden @ direction).std())  # logit differences of unit spread
     with torch.no_grad():
         head[scorer.yes_ids] = direction
         head[scorer.no_ids] = -direction
-    capped = [[cap_pixels(q, scorer.max_pixels), cap_pixels(c, scorer.max_pixels)] for q, c in pairs()]
-    inputs = scorer.processor(images=capped, text=[scorer.text] * 4, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        hidden = scorer.model(**inputs, output_hidden_states=True).hidden_states[-1][:, -1]
     # With every yes variant = v and every no variant = -v (as many of each), P(yes) = sigmoid(2 v.h).
     assert len(scorer.yes_ids) == len(scorer.no_ids)
     expected = torch.sigmoid(2 * hidden @ direction).numpy()
