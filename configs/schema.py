@@ -23,6 +23,13 @@ class ConfigError(ValueError):
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    def _require(self, fields: dict[str, Any], where: str) -> None:
+        """Fields without a default that a run needs (they may come from the CLI)."""
+        missing = [name for name, value in fields.items() if not value]
+        if missing:
+            raise ConfigError(f"missing required setting(s): {', '.join(missing)} (give them in the config file, "
+                              f"{where}, or with --set)")
+
 
 class SourceConfig(Section):
     uri: str | None = None
@@ -98,11 +105,8 @@ class IndexJobConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     def require(self) -> "IndexJobConfig":
-        """Fields without a default that a run needs (they may come from the CLI)."""
-        missing = [f for f, v in (("source.uri", self.source.uri), ("index.uri", self.index.uri), ("model.name", self.model.name)) if not v]
-        if missing:
-            raise ConfigError(f"missing required setting(s): {', '.join(missing)} (give them in the config file, "
-                              "as positional arguments / --model, or with --set)")
+        self._require({"source.uri": self.source.uri, "index.uri": self.index.uri, "model.name": self.model.name},
+                      "as positional arguments / --model")
         return self
 
 
@@ -144,6 +148,14 @@ class RerankerConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+    @field_validator("yes_words", "no_words", mode="before")
+    @classmethod
+    def _words_not_booleans(cls, words):
+        if isinstance(words, list) and any(isinstance(w, bool) for w in words):
+            raise ValueError("YAML read an unquoted yes/no as a boolean; quote the words, e.g. ['yes']")
+        return words
+
+
 class RerankRunConfig(Section):
     part_size: int = Field(256, gt=0)  # queries per result part (the resumable unit)
     run_id: str | None = None  # None: derived from the settings
@@ -164,11 +176,8 @@ class RerankJobConfig(Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
 
     def require(self) -> "RerankJobConfig":
-        missing = [f for f, v in (("queries.uri", self.queries.uri), ("index_uri", self.index_uri),
-                                  ("output_uri", self.output_uri)) if not v]
-        if missing:
-            raise ConfigError(f"missing required setting(s): {', '.join(missing)} (give them in the config file, "
-                              "as positional arguments, or with --set)")
+        self._require({"queries.uri": self.queries.uri, "index_uri": self.index_uri, "output_uri": self.output_uri},
+                      "as positional arguments")
         return self
 
 

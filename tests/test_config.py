@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.schema import ConfigError, IndexJobConfig, load_config
+from configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 
@@ -10,6 +10,17 @@ CONFIGS = Path(__file__).parents[1] / "configs"
 def test_example_config_is_valid():
     cfg = load_config(IndexJobConfig, str(CONFIGS / "gallery.yaml")).require()
     assert cfg.model.name == "facebook/dinov2-small" and cfg.index.metric == "ip"
+
+
+def test_rerank_example_config_is_valid():
+    cfg = load_config(RerankJobConfig, str(CONFIGS / "rerank.yaml"), {"search.top_k": 50}).require()
+    assert cfg.reranker.model == "Qwen/Qwen2.5-VL-3B-Instruct" and cfg.search.top_k == 50 and cfg.reranker.depth == 100
+    with pytest.raises(ConfigError, match="output_uri"):
+        load_config(RerankJobConfig, None, {"queries.uri": "q", "index_uri": "i"}).require()
+    with pytest.raises(ConfigError, match="quote the words"):
+        load_config(RerankJobConfig, None, None, ["reranker.yes_words=[yes]"])
+    with pytest.raises(ConfigError, match="reranker.fusion_weight"):
+        load_config(RerankJobConfig, None, None, ["reranker.fusion_weight=2"])
 
 
 def test_precedence_file_then_shortcuts_then_set(tmp_path):
