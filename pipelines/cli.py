@@ -9,7 +9,7 @@ import os
 import sys
 
 from configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
-from storage.uris import StorageError, redact_text
+from storage.uris import StorageError, find_credential_options, redact_text
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
 
@@ -40,6 +40,20 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of text")
 
 
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", dest="storage_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option, e.g. endpoint_url=http://127.0.0.1:9000 (credentials come from the environment)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+
+def _storage_options(pairs: list[str]) -> dict:
+    options = dict(p.split("=", 1) for p in pairs if "=" in p)
+    bad = find_credential_options(options)
+    if bad or len(options) != len(pairs):
+        raise ConfigError(f"--storage-option: expected KEY=VALUE without credentials (got {', '.join(bad) or pairs})")
+    return options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllm-index", description="Instance-level image retrieval on Ray: "
                                      "index galleries into versioned IVF-PQ FAISS indexes.")
@@ -65,6 +79,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="candidates per query (search.top_k)")
     p.add_argument("--depth", type=int, help="how many of them the MLLM re-scores (reranker.depth)")
     _add_config_args(p)
+
+    p = sub.add_parser("evaluate", help="mAP / mAP@k / recall / precision of a rerank run, kNN vs re-ranked",
+                       description="Score a rerank run's results against a ground-truth table (Parquet or JSON "
+                       "lines: query_id, positives, junk, optional conditions). Prints one table with the kNN and "
+                       "the re-ranked ranking side by side, per condition, and writes evaluation.json next to the results.")
+    p.add_argument("results", help="the rerank run's OUTPUT_URI")
+    p.add_argument("ground_truth", help="ground-truth table URI (.parquet, or .jsonl)")
+    p.add_argument("--k", default="1,5,10,100", help="cut-offs for mAP@k, R@k, P@k (default: %(default)s)")
+    _add_storage_args(p)
+
+    p = sub.add_parser("import-gt", help="convert Revisited Oxford/Paris or ILIAS ground truth to Parquet",
+                       description="One-time conversion of a benchmark's ground truth to mllm-index tables. "
+                       "Revisited Oxford/Paris ship a Python pickle: it is loaded only here, from a local file you "
+                       "name, because unpickling can run code; everything after reads the Parquet written here.")
+    p.add_argument("format", choices=["revisitop", "ilias"])
+    p.add_argument("source", help="revisitop: local gnd_*.pkl file; ilias: dataset folder with image_ids/")
+    p.add_argument("output", help="folder URI for gt_*.parquet (and queries.parquet)")
+    p.add_argument("--key-format", help="gallery key for a dataset name (revisitop default '{}.jpg', ilias '{}')")
+    p.add_argument("--images-uri", help="revisitop: folder of the jpg files; writes queries.parquet (key, uri, bbox)")
+    _add_storage_args(p)
 
     p = sub.add_parser("demo", help="build an index from a small gallery made from the bundled photos, offline",
                        description="Offline quick start: generates a gallery from the photos shipped with the "
@@ -104,6 +138,21 @@ def main(argv: list[str] | None = None) -> int:
             init_ray(cfg.run.ray_address)
             summary = run_rerank(cfg)
             print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+        elif args.command == "evaluate":
+            from pipelines.evaluate import evaluate, format_report
+
+            ks = tuple(int(k) for k in args.k.split(",") if k.strip())
+            report = evaluate(args.results, args.ground_truth, ks, _storage_options(args.storage_options))
+            print(json.dumps(report, indent=2) if args.json else format_report(report))
+        elif args.command == "import-gt":
+            from storage.ground_truth import import_ilias, import_revisitop
+
+            options = _storage_options(args.storage_options)
+            if args.format == "revisitop":
+                written = import_revisitop(args.source, args.output, args.key_format or "{}.jpg", args.images_uri, options)
+            else:
+                written = import_ilias(args.source, args.output, args.key_format or "{}", options)
+            print("\n".join(written))
         elif args.command == "demo":
             from pipelines.demo import run_demo
 

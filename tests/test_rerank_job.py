@@ -18,9 +18,11 @@ from actors.decode import open_image
 from actors.mllm import MLLMScorer
 from configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
 from pipelines.demo import bundled_photos
+from pipelines.evaluate import evaluate
 from pipelines.index import run_index
 from pipelines.rerank import RESULT_SCHEMA, run_rerank
 from storage.catalog import image_id
+from storage.ground_truth import write_ground_truth
 from storage.uris import Location
 
 pytestmark = pytest.mark.e2e
@@ -136,6 +138,17 @@ def test_rerank_end_to_end(setup, planted_vlm):
     hits = [f for f in failures if f["image_id"] == missing_id]
     assert hits and all(f["stage"] == "candidate" and f["key"] == setup["missing"] for f in hits)
     assert summary["candidate_failures"] == len(hits)
+
+    # Evaluate against ground truth on S3: each query's positives are the two views of its photo.
+    gt_rows = [{"query_id": f"q{i}", "positives": [f"{p.stem}/orig.jpg", f"{p.stem}/crop.jpg"], "junk": [],
+                "conditions": {f"{p.stem}/crop.jpg": "cropped"}} for i, p in enumerate(bundled_photos()[:4])]
+    write_ground_truth(gt_rows, f"s3://{setup['bucket']}/gt.parquet", setup["options"])
+    report = evaluate(out_uri, f"s3://{setup['bucket']}/gt.parquet", ks=(1, 5), storage_options=setup["options"])
+    assert {(r["condition"], r["ranking"]) for r in report["rows"]} == {
+        (c, k) for c in ("all", "cropped") for k in ("knn", "reranked")}
+    knn_all = next(r for r in report["rows"] if r["condition"] == "all" and r["ranking"] == "knn")
+    assert knn_all["queries"] == 4 and 0.5 < knn_all["AP"] <= 1.0  # the backbone finds the near-duplicates
+    assert out.exists("evaluation.json")
 
     # Interrupted run: part 1 lost its output and marker; the re-run redoes only that part.
     before = read_results(out).sort_by([("query_id", "ascending"), ("rank", "ascending")])
