@@ -44,6 +44,9 @@ def load_preprocessing(model: str, image_size: int | None = None) -> dict:
     """
     from transformers.utils import cached_file
 
+    if model.startswith("classic:"):  # local features: larger input, no learned normalisation
+        return {"resize": "long_side_letterbox", "image_size": int(image_size or 512), "image_mean": (0.5, 0.5, 0.5),
+                "image_std": (0.5, 0.5, 0.5), "fill": [128, 128, 128]}
     path = cached_file(model, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
     proc = json.load(open(path)) if path else {}
     config = AutoConfig.from_pretrained(model)

@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 
+from actors.classic import SIFT_RANSAC, SpatialVerifier
 from actors.decode import DecodeFailure, open_image
 from actors.mllm import MLLMScorer, cap_pixels
 from storage.search import Catalog
@@ -47,7 +48,9 @@ class RerankCandidates:
         self.depth, self.weight, self.symmetric = reranker["depth"], reranker["fusion_weight"], reranker["symmetric"]
         self.draft, self.max_pixels = int(2 * reranker["max_pixels"] ** 0.5), reranker["max_pixels"]
         self.scorer = None
-        if reranker.get("model"):
+        if reranker.get("model") == SIFT_RANSAC:
+            self.scorer = SpatialVerifier()
+        elif reranker.get("model"):
             self.scorer = MLLMScorer(reranker["model"], reranker["prompt"], reranker["yes_words"], reranker["no_words"],
                                      reranker["max_pixels"], reranker["batch_size"], reranker["dtype"],
                                      reranker["device"], reranker.get("num_threads"))

@@ -45,6 +45,8 @@ class ModelConfig(Section):
     gem_p: float = Field(3.0, gt=0)
     image_size: int | None = Field(None, gt=0)  # None: from the model's preprocessor config
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    vlad_clusters: int = Field(16, gt=1)  # classic:sift-vlad only: codebook size (dim = clusters x 128)
+    codebook_sample: int = Field(256, gt=0)  # classic:sift-vlad only: gallery images the codebook is fit on
 
 
 class DecodeConfig(Section):

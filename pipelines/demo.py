@@ -1,21 +1,15 @@
-"""Offline quick start: a gallery made from the bundled photos, a tiny local backbone, one index run.
+"""`mllm-index demo`: the whole pipeline, offline, on a set made from the bundled photos.
 
-Nothing here needs the network: the photos ship with the package, and the backbone is
-a small randomly initialised DINOv2 written with `save_pretrained` and then loaded back
-through the same path as a hub id. Random weights still map near-duplicates close
-together, which is what the demo's searches show; pass --model for a real backbone.
+index (classic:sift-vlad) -> rerank (classic:sift-ransac) -> evaluate -> HTML report, on a
+local Ray and a local folder. Nothing needs the network: the photos ship with the package
+and the default backends are local features. --model / --reranker-model switch in real
+transformers models (a GPU and the weights, or hub access, are then up to the user).
 """
 
 from __future__ import annotations
 
-import io
-import random
+import time
 from pathlib import Path
-
-import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
-
-from pipelines.tiny_models import make_tiny_backbone
 
 PHOTOS = Path(__file__).parent / "data" / "photos"
 
@@ -24,73 +18,38 @@ def bundled_photos() -> list[Path]:
     return sorted(PHOTOS.glob("*.jpg"))
 
 
-def variants(img: Image.Image, rng: random.Random) -> dict[str, Image.Image]:
-    """Views of one photo as a gallery would hold them: re-crops, flips, photometric changes."""
-    w, h = img.size
-    x, y = rng.randint(0, w // 5), rng.randint(0, h // 5)
-    return {
-        "orig": img,
-        "crop": img.crop((x, y, x + int(w * 0.7), y + int(h * 0.7))),
-        "mirror": ImageOps.mirror(img),
-        "dark": ImageEnhance.Brightness(img).enhance(0.6),
-        "small": img.resize((w // 4, h // 4)),
-    }
-
-
-def write_demo_gallery(folder: str | Path, photos: list[Path] | None = None, seed: int = 0) -> list[str]:
-    """Write the gallery (and 3 broken files that must end up in the failures table)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    names = []
-    for photo in photos or bundled_photos():
-        img = Image.open(photo).convert("RGB")
-        for kind, view in variants(img, rng).items():
-            name = f"{photo.stem}/{kind}.jpg"
-            (folder / photo.stem).mkdir(exist_ok=True)
-            view.save(folder / name, quality=88)
-            names.append(name)
-    good = io.BytesIO()
-    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(good, "JPEG")
-    (folder / "broken").mkdir(exist_ok=True)
-    (folder / "broken" / "truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
-    (folder / "broken" / "error-page.jpg").write_text("<html><body>404 Not Found</body></html>")
-    (folder / "broken" / "empty.png").write_bytes(b"")
-    return names
-
-
-def run_demo(workdir: str, model: str | None, config_path: str | None, overrides: list[str]) -> dict:
-    from configs.schema import IndexJobConfig, load_config
+def run_demo(workdir: str, model: str | None = None, reranker_model: str | None = None, top_k: int = 20) -> dict:
+    from actors.classic import SIFT_RANSAC, SIFT_VLAD
+    from configs.schema import IndexJobConfig, RerankJobConfig, load_config
     from pipelines.cli import init_ray
-    from pipelines.index import run_index
-    from storage.search import IndexSearcher
+    from pipelines.demo_set import write_demo_set
+    from pipelines.evaluate import evaluate, format_report
+    from pipelines.index import format_summary as index_summary, run_index
+    from pipelines.rerank import format_summary as rerank_summary, run_rerank
+    from pipelines.report import write_report
 
+    t0 = time.time()
     work = Path(workdir).resolve()
-    gallery = work / "gallery"
-    if not gallery.exists():
-        write_demo_gallery(gallery)
-    model = model or make_tiny_backbone(work / "tiny-dinov2")
-    cfg = load_config(IndexJobConfig, config_path, {"source.uri": str(gallery), "index.uri": str(work / "index"),
-                                                    "model.name": model, "run.part_size": 32}, overrides)
-    init_ray(cfg.run.ray_address)
-    summary = run_index(cfg)
-
-    searcher = IndexSearcher(str(work / "index"))
-    from actors.embed import EmbedImages, load_preprocessing
-    from actors.decode import decode_image, letterbox
-
-    prep = load_preprocessing(model, cfg.model.image_size)
-    embedder = EmbedImages(model, prep["image_size"], prep["image_mean"], prep["image_std"], cfg.model.pooling)
-    queries = bundled_photos()[:3]
-    pixels = np.stack([letterbox(decode_image(q.read_bytes(), prep["image_size"], 10**9, 10**9)[0], prep["image_size"], tuple(prep["fill"])) for q in queries])
-    scores, ids = searcher.search(embedder.embed_pixels(pixels), k=5, rescore=50)
-    catalog = {}
-    for name in searcher.manifest["catalog"]["parts"]:
-        table = searcher.location.read_parquet("versions", searcher.version, "catalog", name, columns=["image_id", "key"])
-        catalog.update(zip(table.column("image_id").to_pylist(), table.column("key").to_pylist()))
-    print("\nsearch with the bundled originals as queries (top 5):")
-    for q, row_s, row_i in zip(queries, scores, ids):
-        hits = ", ".join(f"{catalog.get(int(i), i)} ({s:.3f})" for s, i in zip(row_s, row_i) if i >= 0)
-        print(f"  {q.name}: {hits}")
-    print(f"\nindex: {work / 'index'}  failures: {work / 'index' / 'versions' / summary['version'] / 'failures'}\n")
-    return summary
+    data = work / "data"
+    if not (data / "gt.parquet").exists():
+        print(f"building the demo set in {data} ...")
+        print(f"  {write_demo_set(data, bundled_photos())}")
+    init_ray(None)
+    index_cfg = load_config(IndexJobConfig, None, {"source.uri": str(data / "gallery"), "index.uri": str(work / "index"),
+                                                   "model.name": model or SIFT_VLAD, "run.part_size": 32})
+    indexed = run_index(index_cfg)
+    print(index_summary(indexed))
+    reranker = reranker_model or SIFT_RANSAC
+    output = work / "runs" / f"{indexed['version']}-{reranker.replace('/', '_').replace(':', '-')}"
+    rerank_cfg = load_config(RerankJobConfig, None, {
+        "queries.uri": str(data / "queries"), "index_uri": str(work / "index"), "index_version": indexed["version"],
+        "output_uri": str(output), "reranker.model": reranker, "search.top_k": top_k, "reranker.depth": top_k,
+        "reranker.max_pixels": 640 * 480 if reranker == SIFT_RANSAC else 448 * 448, "run.part_size": 8})
+    reranked = run_rerank(rerank_cfg)
+    print(rerank_summary(reranked))
+    report = evaluate(str(output), str(data / "gt.parquet"), ks=(1, 5, 10))
+    html = write_report(str(output), str(data / "gt.parquet"))
+    wall = time.time() - t0
+    print("\n" + format_report(report, ("AP", "mAP@10", "R@1", "R@5", "P@5")))
+    print(f"\nreport: {html}\nwall time: {wall:.0f}s")
+    return {"index": indexed, "rerank": reranked, "evaluation": report, "report": html, "wall_seconds": round(wall, 1)}

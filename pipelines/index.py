@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from actors.classic import CODEBOOK, SIFT_VLAD, fit_vlad_codebook
 from actors.embed import load_preprocessing
 from configs.schema import IndexJobConfig
 from storage.catalog import CATALOG_SCHEMA, FAILURE_SCHEMA, embeddings_table
@@ -55,7 +56,7 @@ def write_index_part(version: Location, part: int, cols: dict[str, np.ndarray]) 
     return stats
 
 
-def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: dict) -> dict[int, dict]:
+def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: dict, model: dict) -> dict[int, dict]:
     tables = [version.read_parquet("plan", part_file(p)) for p in todo]
     expected = {p: t.num_rows for p, t in zip(todo, tables)}
     writer = PartCollector(expected, lambda part, cols: write_index_part(version, part, cols))
@@ -67,13 +68,30 @@ def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: d
         return writer.done, {}
     res = actor_resources(cfg.embed, "embed")
     plan_actor_pools([res], cfg.decode.num_cpus)
-    ds = decode_and_embed(tables, cfg, cfg.model.model_dump(), prep, cfg.source.image_column, res)
+    ds = decode_and_embed(tables, cfg, model, prep, cfg.source.image_column, res)
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         writer.add(batch)
     missing = sorted(set(todo) - set(writer.done))
     if missing:
         raise JobError(f"parts {missing[:10]} did not receive all their rows; re-run the job to finish them")
     return writer.done, writer.timing()
+
+
+def vlad_codebook(version: Location, plan: dict, cfg: IndexJobConfig, prep: dict) -> dict:
+    """The classic:sift-vlad codebook of this version: fit once (a Ray task) on a seeded gallery sample."""
+    info = {"codebook": CODEBOOK, "codebook_uri": f"{version.uri}/{CODEBOOK}"}
+    if version.exists(CODEBOOK):
+        return info
+    rng = np.random.default_rng(cfg.run.seed)
+    parts = rng.permutation(plan["parts"])[: max(1, 4 * -(-cfg.model.codebook_sample // cfg.run.part_size))]
+    rows = [r for p in sorted(parts) for r in version.read_parquet("plan", part_file(int(p))).to_pylist()]
+    sample = [rows[i] for i in sorted(rng.permutation(len(rows))[: cfg.model.codebook_sample])]
+    settings = {"image_size": prep["image_size"], "fill": tuple(prep["fill"]), "clusters": cfg.model.vlad_clusters,
+                "max_features": 500, "storage_options": cfg.storage.options, "image_column": cfg.source.image_column,
+                "seed": cfg.run.seed}
+    fit = ray.remote(num_cpus=1)(fit_vlad_codebook)
+    log.info("fitting the VLAD codebook: %s", ray.get(fit.remote(version, sample, settings)))
+    return info
 
 
 # -- build: train once, fill shards in parallel ------------------------------------------
@@ -126,7 +144,10 @@ def run_index(cfg: IndexJobConfig) -> dict:
     t = time.time()
     done = finished_parts(version)
     todo = [p for p in range(plan["parts"]) if p not in done]
-    new_parts, rates = embed_parts(version, todo, cfg, prep) if todo else ({}, {})
+    model = cfg.model.model_dump()
+    if cfg.model.name == SIFT_VLAD:
+        model.update(vlad_codebook(version, plan, cfg, prep))
+    new_parts, rates = embed_parts(version, todo, cfg, prep, model) if todo else ({}, {})
     done.update(new_parts)
     stages["decode_embed"] = time.time() - t
     processed = sum(done[p]["rows"] for p in todo)
@@ -160,7 +181,8 @@ def run_index(cfg: IndexJobConfig) -> dict:
     )
     version.write_json(summary, "stats.json")
     manifest = {
-        "model": cfg.model.model_dump(), "preprocessing": prep, "dim": dim, "metric": cfg.index.metric,
+        "model": {k: v for k, v in model.items() if k != "codebook_uri"}, "preprocessing": prep, "dim": dim,
+        "metric": cfg.index.metric,
         "factory": factory, "nprobe": cfg.index.nprobe, "rescore": cfg.index.rescore,
         "source": {"uri": redact(spec.location().uri), "format": cfg.source.format},
         "shards": shards, "counts": counts, "parent": index.read_json("versions", version_name, "run.json").get("parent"),

@@ -173,7 +173,10 @@ def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: L
     search_res = {"field": "search", "num_cpus": cfg.search.num_cpus, "concurrency": cfg.search.concurrency, "num_gpus": 0}
     rerank_res = actor_resources(cfg.reranker, "reranker")
     plan_actor_pools([embed_res, search_res, rerank_res], cfg.decode.num_cpus)
-    ds = decode_and_embed(tables, cfg, manifest["model"], manifest["preprocessing"], cfg.queries.image_column, embed_res)
+    model = dict(manifest["model"])
+    if model.get("codebook"):  # classic:sift-vlad: the codebook stored with the index version
+        model["codebook_uri"] = f"{index.uri}/versions/{version}/{model['codebook']}"
+    ds = decode_and_embed(tables, cfg, model, manifest["preprocessing"], cfg.queries.image_column, embed_res)
     ds = ds.map_batches(
         SearchIndex, batch_size=cfg.search.batch_size, batch_format="numpy", num_cpus=cfg.search.num_cpus,
         compute=ray.data.ActorPoolStrategy(size=cfg.search.concurrency),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ray
 
+from actors.classic import SIFT_VLAD, VladEmbedImages
 from actors.decode import decode_batch
 from actors.embed import EmbedImages
 from configs.schema import ConfigError
@@ -38,6 +39,14 @@ def plan_actor_pools(pools: list[dict], decode_cpus: float) -> None:
 
 def decode_and_embed(tables: list, cfg, model: dict, prep: dict, image_column: str, embed_res: dict) -> "ray.data.Dataset":
     """Catalog-like rows -> decoded, letterboxed pixels (tasks) -> L2-normalised embeddings (actors)."""
+    if model["name"] == SIFT_VLAD:  # needs model["codebook_uri"], fit by the index job
+        embedder = VladEmbedImages
+        kwargs = dict(codebook_uri=model["codebook_uri"], storage_options=cfg.storage.options, fill=prep["fill"])
+    else:
+        embedder = EmbedImages
+        kwargs = dict(model=model["name"], image_size=prep["image_size"], image_mean=prep["image_mean"],
+                      image_std=prep["image_std"], pooling=model["pooling"], gem_p=model["gem_p"], dtype=model["dtype"],
+                      device=embed_res["device"], num_threads=embed_res["num_threads"])
     # SPREAD puts decode on every CPU node. The two explicit, different strategies also keep
     # Ray Data from fusing decode into the embed actors (it fuses ops whose remote args
     # match), which would run all decoding serially inside the actors.
@@ -47,10 +56,7 @@ def decode_and_embed(tables: list, cfg, model: dict, prep: dict, image_column: s
         fn_kwargs=dict(image_size=prep["image_size"], fill=tuple(prep["fill"]), max_pixels=cfg.decode.max_pixels,
                        max_bytes=cfg.decode.max_bytes, storage_options=cfg.storage.options, image_column=image_column),
     ).map_batches(
-        EmbedImages, batch_size=cfg.embed.batch_size, batch_format="numpy",
+        embedder, batch_size=cfg.embed.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=embed_res["concurrency"]), scheduling_strategy="DEFAULT",
-        num_gpus=embed_res["num_gpus"], num_cpus=embed_res["num_cpus"],
-        fn_constructor_kwargs=dict(model=model["name"], image_size=prep["image_size"], image_mean=prep["image_mean"],
-                                   image_std=prep["image_std"], pooling=model["pooling"], gem_p=model["gem_p"],
-                                   dtype=model["dtype"], device=embed_res["device"], num_threads=embed_res["num_threads"]),
+        num_gpus=embed_res["num_gpus"], num_cpus=embed_res["num_cpus"], fn_constructor_kwargs=kwargs,
     )

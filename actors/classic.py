@@ -1,0 +1,167 @@
+"""Offline baselines from local features (extra `classic`, OpenCV): no weights, no network.
+
+- `classic:sift-vlad`, an embedder: RootSIFT descriptors aggregated into a VLAD vector over a
+  small codebook fit on a sample of the gallery (stored with the index version), power-law
+  and intra-normalised, L2-normalised. Same Ray Data interface as `EmbedImages`.
+- `classic:sift-ransac`, a re-ranker: RootSIFT matches with Lowe's ratio test, verified by a
+  RANSAC homography; the score grows with the inlier count. Same `score(pairs)` interface as
+  the MLLM scorer. This is the spatial verification that MLLM re-ranking is compared with.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+SIFT_VLAD, SIFT_RANSAC = "classic:sift-vlad", "classic:sift-ransac"
+CODEBOOK = "classic/vlad_codebook.npy"
+
+
+def _cv2():
+    try:
+        import cv2
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ImportError("the classic backends need OpenCV: pip install -e '.[classic]'") from exc
+    return cv2
+
+
+def root_sift(gray: np.ndarray, max_features: int, mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(keypoint xy (n, 2), RootSIFT descriptors (n, 128)): L1-normalised, square-rooted SIFT."""
+    cv2 = _cv2()
+    keypoints, desc = cv2.SIFT_create(nfeatures=max_features).detectAndCompute(gray, mask)
+    if desc is None or not len(keypoints):
+        return np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32)
+    desc = np.sqrt(desc / (np.abs(desc).sum(1, keepdims=True) + 1e-7)).astype(np.float32)
+    return np.array([k.pt for k in keypoints], np.float32), desc
+
+
+def _gray(image) -> np.ndarray:
+    arr = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+    return (arr[..., :3] @ np.array([0.299, 0.587, 0.114])).astype(np.uint8)
+
+
+def content_mask(pixels: np.ndarray, fill: tuple[int, int, int], margin: int = 4) -> np.ndarray:
+    """Where the image is, inside a letterbox: no keypoints on the padding or its edge."""
+    cv2 = _cv2()
+    mask = (np.abs(pixels.astype(np.int16) - np.array(fill, np.int16)).sum(-1) > 0).astype(np.uint8) * 255
+    return cv2.erode(mask, np.ones((2 * margin + 1, 2 * margin + 1), np.uint8)) if margin else mask
+
+
+def fit_codebook(descriptors: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    import faiss
+
+    kmeans = faiss.Kmeans(descriptors.shape[1], k, niter=25, seed=seed, verbose=False)
+    kmeans.train(np.ascontiguousarray(descriptors, np.float32))
+    return kmeans.centroids.astype(np.float32)
+
+
+def codebook_bytes(centroids: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, centroids.astype(np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def codebook_from_bytes(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)  # plain array: no pickle is ever loaded
+
+
+def vlad(descriptors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Residuals summed per nearest centroid, signed square root, intra- then L2-normalised."""
+    k, d = centroids.shape
+    out = np.zeros((k, d), np.float32)
+    if len(descriptors):
+        nearest = ((descriptors[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+        np.add.at(out, nearest, descriptors - centroids[nearest])
+    out = np.sign(out) * np.sqrt(np.abs(out))
+    out /= np.linalg.norm(out, axis=1, keepdims=True) + 1e-12
+    flat = out.reshape(-1)
+    return flat / (np.linalg.norm(flat) + 1e-12)
+
+
+class VladEmbedImages:
+    """Ray Data callable class with the interface of `EmbedImages`: pixels in, L2-normalised VLAD out."""
+
+    def __init__(self, codebook_uri: str, storage_options: dict, fill, max_features: int = 500, **_ignored):
+        from storage.uris import Location
+
+        self.centroids = codebook_from_bytes(Location(codebook_uri, storage_options).read_bytes())
+        self.fill, self.max_features = tuple(fill), max_features
+        self.dim = self.centroids.size
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return np.stack([vlad(root_sift(_gray(p), self.max_features, content_mask(p, self.fill))[1], self.centroids)
+                         for p in pixels]) if len(pixels) else np.zeros((0, self.dim), np.float32)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        ok = batch["ok"].astype(bool)
+        embedding = np.zeros((len(ok), self.dim), np.float16)
+        if ok.any():
+            embedding[ok] = self.embed_pixels(pixels[ok]).astype(np.float16)
+        batch["embedding"] = embedding
+        return batch
+
+
+class SpatialVerifier:
+    """Scores (query, candidate) pairs by RANSAC-verified SIFT matches; same interface as MLLMScorer."""
+
+    def __init__(self, ratio: float = 0.8, ransac_px: float = 8.0, max_features: int = 1000, half_score_inliers: int = 15):
+        self.ratio, self.ransac_px, self.max_features, self.half = ratio, ransac_px, max_features, half_score_inliers
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _features(self, image: Image.Image):
+        key = id(image)  # the rerank actor decodes each image once and pairs the same object many times
+        if key not in self._cache:
+            self._cache[key] = root_sift(_gray(image), self.max_features)
+        return self._cache[key]
+
+    def inliers(self, query: Image.Image, candidate: Image.Image) -> int:
+        cv2 = _cv2()
+        (qxy, qd), (cxy, cd) = self._features(query), self._features(candidate)
+        if len(qd) < 2 or len(cd) < 2:
+            return 0
+        matches = cv2.BFMatcher(cv2.NORM_L2).knnMatch(qd, cd, k=2)
+        good = [m[0] for m in matches if len(m) == 2 and m[0].distance < self.ratio * m[1].distance]
+        if len(good) < 4:
+            return 0
+        src = qxy[[m.queryIdx for m in good]]
+        dst = cxy[[m.trainIdx for m in good]]
+        _, mask = cv2.findHomography(src, dst, cv2.RANSAC, self.ransac_px, maxIters=2000, confidence=0.995)
+        return int(mask.sum()) if mask is not None else 0
+
+    def score(self, pairs: list[tuple[Image.Image, Image.Image]]) -> np.ndarray:
+        """inliers / (inliers + half_score_inliers): 0 for no geometric agreement, towards 1 for many inliers."""
+        counts = np.array([self.inliers(q, c) for q, c in pairs], np.float32)
+        self._cache.clear()
+        return counts / (counts + self.half) if len(counts) else np.zeros(0, np.float32)
+
+
+def fit_vlad_codebook(version, entries: list[dict], settings: dict) -> dict:
+    """Fit the VLAD codebook on a sample of the gallery and store it in the version folder.
+
+    `settings`: image_size, fill, clusters, max_features, storage_options, image_column, seed.
+    Decoded exactly like the images that will be embedded (letterbox, content mask).
+    """
+    from actors.decode import DecodeFailure, decode_image, letterbox
+    from storage.sources import fetch_bytes
+
+    rng = np.random.default_rng(settings["seed"])
+    descriptors, used = [], 0
+    for entry, data in zip(entries, fetch_bytes(entries, settings["storage_options"], settings["image_column"])):
+        if isinstance(data, BaseException):
+            continue
+        try:
+            pixels = letterbox(decode_image(data, settings["image_size"], 10**9, 1 << 30)[0], settings["image_size"], settings["fill"])
+        except DecodeFailure:
+            continue
+        _, desc = root_sift(_gray(pixels), settings["max_features"], content_mask(pixels, settings["fill"]))
+        if len(desc):
+            descriptors.append(desc[rng.permutation(len(desc))[:200]])
+            used += 1
+    if not descriptors or sum(len(d) for d in descriptors) < settings["clusters"] * 4:
+        raise ValueError(f"too few SIFT features in {len(entries)} sample images to fit {settings['clusters']} VLAD clusters")
+    centroids = fit_codebook(np.concatenate(descriptors), settings["clusters"], settings["seed"])
+    version.write_bytes(codebook_bytes(centroids), CODEBOOK)
+    return {"codebook": CODEBOOK, "clusters": settings["clusters"], "images": used, "descriptors": int(sum(map(len, descriptors)))}
