@@ -17,6 +17,7 @@ from PIL import Image
 
 SIFT_VLAD, SIFT_RANSAC = "classic:sift-vlad", "classic:sift-ransac"
 CODEBOOK = "classic/vlad_codebook.npy"
+PCA = "classic/vlad_pca.npy"  # optional: row 0 the mean, rows 1.. the principal directions
 
 
 def _cv2():
@@ -80,19 +81,38 @@ def vlad(descriptors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     return flat / (np.linalg.norm(flat) + 1e-12)
 
 
+def fit_pca(vectors: np.ndarray, dim: int) -> np.ndarray:
+    """[mean; top `dim` principal directions] of the rows of `vectors` (dim <= number of rows)."""
+    if dim > min(vectors.shape):
+        raise ValueError(f"model.pca_dim={dim} needs at least {dim} sample images with features (got {len(vectors)})")
+    mean = vectors.mean(0)
+    _, _, vt = np.linalg.svd(vectors - mean, full_matrices=False)
+    return np.vstack([mean, vt[:dim]]).astype(np.float32)
+
+
+def project(vectors: np.ndarray, pca: np.ndarray) -> np.ndarray:
+    reduced = (vectors - pca[0]) @ pca[1:].T
+    return reduced / (np.linalg.norm(reduced, axis=1, keepdims=True) + 1e-12)
+
+
 class VladEmbedImages:
     """Ray Data callable class with the interface of `EmbedImages`: pixels in, L2-normalised VLAD out."""
 
-    def __init__(self, codebook_uri: str, storage_options: dict, fill, max_features: int = 500, **_ignored):
+    def __init__(self, codebook_uri: str, storage_options: dict, fill, max_features: int = 500,
+                 pca_uri: str | None = None, **_ignored):
         from storage.uris import Location
 
         self.centroids = codebook_from_bytes(Location(codebook_uri, storage_options).read_bytes())
+        self.pca = codebook_from_bytes(Location(pca_uri, storage_options).read_bytes()) if pca_uri else None
         self.fill, self.max_features = tuple(fill), max_features
-        self.dim = self.centroids.size
+        self.dim = self.centroids.size if self.pca is None else len(self.pca) - 1
 
     def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        return np.stack([vlad(root_sift(_gray(p), self.max_features, content_mask(p, self.fill))[1], self.centroids)
-                         for p in pixels]) if len(pixels) else np.zeros((0, self.dim), np.float32)
+        if not len(pixels):
+            return np.zeros((0, self.dim), np.float32)
+        vectors = np.stack([vlad(root_sift(_gray(p), self.max_features, content_mask(p, self.fill))[1], self.centroids)
+                            for p in pixels])
+        return vectors if self.pca is None else project(vectors, self.pca)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         pixels = batch.pop("pixels")
@@ -148,7 +168,7 @@ def fit_vlad_codebook(version, entries: list[dict], settings: dict) -> dict:
     from storage.sources import fetch_bytes
 
     rng = np.random.default_rng(settings["seed"])
-    descriptors, used = [], 0
+    descriptors, per_image, used = [], [], 0
     for entry, data in zip(entries, fetch_bytes(entries, settings["storage_options"], settings["image_column"])):
         if isinstance(data, BaseException):
             continue
@@ -159,9 +179,14 @@ def fit_vlad_codebook(version, entries: list[dict], settings: dict) -> dict:
         _, desc = root_sift(_gray(pixels), settings["max_features"], content_mask(pixels, settings["fill"]))
         if len(desc):
             descriptors.append(desc[rng.permutation(len(desc))[:200]])
+            per_image.append(desc)
             used += 1
     if not descriptors or sum(len(d) for d in descriptors) < settings["clusters"] * 4:
         raise ValueError(f"too few SIFT features in {len(entries)} sample images to fit {settings['clusters']} VLAD clusters")
     centroids = fit_codebook(np.concatenate(descriptors), settings["clusters"], settings["seed"])
-    version.write_bytes(codebook_bytes(centroids), CODEBOOK)
-    return {"codebook": CODEBOOK, "clusters": settings["clusters"], "images": used, "descriptors": int(sum(map(len, descriptors)))}
+    info = {"codebook": CODEBOOK, "clusters": settings["clusters"], "images": used, "descriptors": int(sum(map(len, descriptors)))}
+    if settings.get("pca_dim"):  # fit on the VLAD vectors of the same sample images
+        version.write_bytes(codebook_bytes(fit_pca(np.stack([vlad(d, centroids) for d in per_image]), settings["pca_dim"])), PCA)
+        info["pca"] = PCA
+    version.write_bytes(codebook_bytes(centroids), CODEBOOK)  # last: its presence marks the fit done
+    return info

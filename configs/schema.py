@@ -47,6 +47,7 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     vlad_clusters: int = Field(16, gt=1)  # classic:sift-vlad only: codebook size (dim = clusters x 128)
     codebook_sample: int = Field(256, gt=0)  # classic:sift-vlad only: gallery images the codebook is fit on
+    pca_dim: int | None = Field(None, gt=0)  # classic:sift-vlad only: PCA-reduce VLAD to this many dimensions
 
 
 class DecodeConfig(Section):

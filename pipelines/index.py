@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.classic import CODEBOOK, SIFT_VLAD, fit_vlad_codebook
+from actors.classic import CODEBOOK, PCA, SIFT_VLAD, fit_vlad_codebook
 from actors.embed import load_preprocessing
 from configs.schema import IndexJobConfig
 from storage.catalog import CATALOG_SCHEMA, FAILURE_SCHEMA, embeddings_table
@@ -80,6 +80,8 @@ def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: d
 def vlad_codebook(version: Location, plan: dict, cfg: IndexJobConfig, prep: dict) -> dict:
     """The classic:sift-vlad codebook of this version: fit once (a Ray task) on a seeded gallery sample."""
     info = {"codebook": CODEBOOK, "codebook_uri": f"{version.uri}/{CODEBOOK}"}
+    if cfg.model.pca_dim:
+        info.update(pca=PCA, pca_uri=f"{version.uri}/{PCA}")
     if version.exists(CODEBOOK):
         return info
     rng = np.random.default_rng(cfg.run.seed)
@@ -88,7 +90,7 @@ def vlad_codebook(version: Location, plan: dict, cfg: IndexJobConfig, prep: dict
     sample = [rows[i] for i in sorted(rng.permutation(len(rows))[: cfg.model.codebook_sample])]
     settings = {"image_size": prep["image_size"], "fill": tuple(prep["fill"]), "clusters": cfg.model.vlad_clusters,
                 "max_features": 500, "storage_options": cfg.storage.options, "image_column": cfg.source.image_column,
-                "seed": cfg.run.seed}
+                "seed": cfg.run.seed, "pca_dim": cfg.model.pca_dim}
     fit = ray.remote(num_cpus=1)(fit_vlad_codebook)
     log.info("fitting the VLAD codebook: %s", ray.get(fit.remote(version, sample, settings)))
     return info
@@ -181,7 +183,7 @@ def run_index(cfg: IndexJobConfig) -> dict:
     )
     version.write_json(summary, "stats.json")
     manifest = {
-        "model": {k: v for k, v in model.items() if k != "codebook_uri"}, "preprocessing": prep, "dim": dim,
+        "model": {k: v for k, v in model.items() if not k.endswith("_uri")}, "preprocessing": prep, "dim": dim,
         "metric": cfg.index.metric,
         "factory": factory, "nprobe": cfg.index.nprobe, "rescore": cfg.index.rescore,
         "source": {"uri": redact(spec.location().uri), "format": cfg.source.format},

@@ -174,8 +174,9 @@ def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: L
     rerank_res = actor_resources(cfg.reranker, "reranker")
     plan_actor_pools([embed_res, search_res, rerank_res], cfg.decode.num_cpus)
     model = dict(manifest["model"])
-    if model.get("codebook"):  # classic:sift-vlad: the codebook stored with the index version
-        model["codebook_uri"] = f"{index.uri}/versions/{version}/{model['codebook']}"
+    for name in ("codebook", "pca"):  # classic:sift-vlad: files stored with the index version
+        if model.get(name):
+            model[f"{name}_uri"] = f"{index.uri}/versions/{version}/{model[name]}"
     ds = decode_and_embed(tables, cfg, model, manifest["preprocessing"], cfg.queries.image_column, embed_res)
     ds = ds.map_batches(
         SearchIndex, batch_size=cfg.search.batch_size, batch_format="numpy", num_cpus=cfg.search.num_cpus,

@@ -41,7 +41,8 @@ def decode_and_embed(tables: list, cfg, model: dict, prep: dict, image_column: s
     """Catalog-like rows -> decoded, letterboxed pixels (tasks) -> L2-normalised embeddings (actors)."""
     if model["name"] == SIFT_VLAD:  # needs model["codebook_uri"], fit by the index job
         embedder = VladEmbedImages
-        kwargs = dict(codebook_uri=model["codebook_uri"], storage_options=cfg.storage.options, fill=prep["fill"])
+        kwargs = dict(codebook_uri=model["codebook_uri"], pca_uri=model.get("pca_uri"), storage_options=cfg.storage.options,
+                      fill=prep["fill"])
     else:
         embedder = EmbedImages
         kwargs = dict(model=model["name"], image_size=prep["image_size"], image_mean=prep["image_mean"],

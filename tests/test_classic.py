@@ -46,3 +46,20 @@ def test_codebooks_never_load_pickle():
     np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="pickle"):
         codebook_from_bytes(buf.getvalue())
+
+
+def test_vlad_pca_reduces_and_keeps_neighbours(photos, tmp_path):
+    from actors.classic import fit_pca, project
+
+    descs = [root_sift(np.asarray(p.convert("L")), 300)[1] for p in photos]
+    centroids = fit_codebook(np.concatenate(descs), 8)
+    full = np.stack([vlad(d, centroids) for d in descs])
+    pca = fit_pca(full, 3)
+    (tmp_path / "cb.npy").write_bytes(codebook_bytes(centroids))
+    (tmp_path / "pca.npy").write_bytes(codebook_bytes(pca))
+    embedder = VladEmbedImages(str(tmp_path / "cb.npy"), {}, fill=(128, 128, 128), pca_uri=str(tmp_path / "pca.npy"))
+    assert embedder.dim == 3
+    reduced = project(full, pca)
+    assert reduced.shape == (4, 3) and np.allclose(np.linalg.norm(reduced, axis=1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="pca_dim"):
+        fit_pca(full, 10)
