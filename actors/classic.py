@@ -15,6 +15,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from actors.embed import PixelEmbedder
+
 SIFT_VLAD, SIFT_RANSAC = "classic:sift-vlad", "classic:sift-ransac"
 CODEBOOK = "classic/vlad_codebook.npy"
 PCA = "classic/vlad_pca.npy"  # optional: row 0 the mean, rows 1.. the principal directions
@@ -95,8 +97,8 @@ def project(vectors: np.ndarray, pca: np.ndarray) -> np.ndarray:
     return reduced / (np.linalg.norm(reduced, axis=1, keepdims=True) + 1e-12)
 
 
-class VladEmbedImages:
-    """Ray Data callable class with the interface of `EmbedImages`: pixels in, L2-normalised VLAD out."""
+class VladEmbedImages(PixelEmbedder):
+    """The SIFT-VLAD embedder, with the Ray Data interface of `EmbedImages`."""
 
     def __init__(self, codebook_uri: str, storage_options: dict, fill, max_features: int = 500,
                  pca_uri: str | None = None, **_ignored):
@@ -113,15 +115,6 @@ class VladEmbedImages:
         vectors = np.stack([vlad(root_sift(_gray(p), self.max_features, content_mask(p, self.fill))[1], self.centroids)
                             for p in pixels])
         return vectors if self.pca is None else project(vectors, self.pca)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = batch.pop("pixels")
-        ok = batch["ok"].astype(bool)
-        embedding = np.zeros((len(ok), self.dim), np.float16)
-        if ok.any():
-            embedding[ok] = self.embed_pixels(pixels[ok]).astype(np.float16)
-        batch["embedding"] = embedding
-        return batch
 
 
 class SpatialVerifier:

@@ -106,12 +106,30 @@ def pool_tokens(hidden: torch.Tensor, pooling: str, prefix_tokens: int, gem_p: f
     raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
-class EmbedImages:
-    """Ray Data callable class: decoded rows in, rows with a float16 `embedding` out.
+class PixelEmbedder:
+    """The Ray Data side of an embedder: decoded rows in, rows with a float16 `embedding` out.
 
-    Rows that failed to decode pass through with a zero vector and are never run
-    through the model. On CUDA the forward pass runs under bf16/fp16 autocast.
+    Subclasses provide `dim` and `embed_pixels((B, S, S, 3) uint8) -> (B, dim)`. Rows that
+    failed to decode pass through with a zero vector and never reach the model.
     """
+
+    dim: int
+
+    def embed_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = batch.pop("pixels")
+        ok = batch["ok"].astype(bool)
+        embedding = np.zeros((len(ok), self.dim), np.float16)
+        if ok.any():
+            embedding[ok] = self.embed_pixels(pixels[ok]).astype(np.float16)
+        batch["embedding"] = embedding
+        return batch
+
+
+class EmbedImages(PixelEmbedder):
+    """A transformers vision backbone; on CUDA the forward pass runs under bf16/fp16 autocast."""
 
     def __init__(self, model: str, image_size: int, image_mean, image_std, pooling: str = "auto", gem_p: float = 3.0,
                  dtype: str = "auto", device: str = "auto", num_threads: int | None = None):
@@ -149,12 +167,3 @@ class EmbedImages:
                 vec = pool_tokens(out.last_hidden_state, self.pooling, self.prefix_tokens, self.gem_p)
         vec = torch.nn.functional.normalize(vec.float(), dim=-1)
         return vec.cpu().numpy()
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pixels = batch.pop("pixels")
-        ok = batch["ok"].astype(bool)
-        embedding = np.zeros((len(ok), self.dim), np.float16)
-        if ok.any():
-            embedding[ok] = self.embed_pixels(pixels[ok]).astype(np.float16)
-        batch["embedding"] = embedding
-        return batch

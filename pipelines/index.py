@@ -24,7 +24,7 @@ from storage.faiss_store import default_factory, train_sample_size
 from storage.shard_store import TRAINED, build_shard, part_file, shard_file, train_version
 from pipelines.parts import PartCollector, finished_parts, load_or_make_plan
 from pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
-from storage.sources import DEFAULT_IMAGE_EXTENSIONS, SourceSpec
+from storage.sources import SourceSpec
 from storage.uris import Location, check_under_roots, redact
 from storage.versions import begin_version, fingerprint, publish
 
@@ -36,8 +36,8 @@ class JobError(RuntimeError):
 
 
 def source_spec(cfg: IndexJobConfig) -> SourceSpec:
-    exts = tuple(e.lower().lstrip(".") for e in cfg.source.image_extensions) if cfg.source.image_extensions else DEFAULT_IMAGE_EXTENSIONS
-    return SourceSpec(cfg.source.uri, cfg.source.format, exts, cfg.source.image_column, cfg.source.key_column, cfg.storage.options)
+    s = cfg.source
+    return SourceSpec(s.uri, s.format, s.image_extensions, s.image_column, s.key_column, cfg.storage.options)
 
 
 # -- embed: stream parts through decode and embed actors ----------------------------------
@@ -56,7 +56,8 @@ def write_index_part(version: Location, part: int, cols: dict[str, np.ndarray]) 
     return stats
 
 
-def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: dict, model: dict) -> dict[int, dict]:
+def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: dict, model: dict) -> tuple[dict[int, dict], dict]:
+    """(stats per finished part, timing): streams the parts through decode and embed."""
     tables = [version.read_parquet("plan", part_file(p)) for p in todo]
     expected = {p: t.num_rows for p, t in zip(todo, tables)}
     writer = PartCollector(expected, lambda part, cols: write_index_part(version, part, cols))

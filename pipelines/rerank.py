@@ -28,7 +28,7 @@ from pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
 from storage.catalog import FAILURE_SCHEMA
 from storage.search import Catalog
 from storage.shard_store import part_file
-from storage.sources import DEFAULT_IMAGE_EXTENSIONS, SourceSpec, list_source, read_bboxes
+from storage.sources import SourceSpec, list_source, read_bboxes
 from storage.uris import Location, check_under_roots, redact
 from storage.versions import fingerprint, read_latest, read_manifest
 
@@ -44,8 +44,7 @@ QUERY_FAILURE_SCHEMA = pa.schema(list(FAILURE_SCHEMA) + [("query_id", pa.int64()
 
 def query_spec(cfg: RerankJobConfig) -> SourceSpec:
     q = cfg.queries
-    exts = tuple(e.lower().lstrip(".") for e in q.image_extensions) if q.image_extensions else DEFAULT_IMAGE_EXTENSIONS
-    return SourceSpec(q.uri, q.format, exts, q.image_column, q.key_column, cfg.storage.options, uri_column=q.uri_column)
+    return SourceSpec(q.uri, q.format, q.image_extensions, q.image_column, q.key_column, cfg.storage.options, uri_column=q.uri_column)
 
 
 def query_bboxes(cfg: RerankJobConfig, spec: SourceSpec) -> dict[str, tuple]:

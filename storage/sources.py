@@ -33,11 +33,15 @@ class SourceSpec:
 
     uri: str
     format: str = "auto"  # auto | files | webdataset | parquet
-    image_extensions: tuple[str, ...] = DEFAULT_IMAGE_EXTENSIONS
+    image_extensions: tuple[str, ...] | list[str] | None = DEFAULT_IMAGE_EXTENSIONS
     image_column: str = "image"
     key_column: str | None = "key"
     storage_options: dict = field(default_factory=dict)
     uri_column: str | None = None  # Parquet tables that point at images (key + uri) instead of holding them
+
+    def __post_init__(self):
+        """Extensions compare lower-case and without the dot; None or empty means the built-in list."""
+        self.image_extensions = tuple(e.lower().lstrip(".") for e in self.image_extensions or DEFAULT_IMAGE_EXTENSIONS)
 
     def location(self) -> Location:
         return Location(self.uri, self.storage_options)
