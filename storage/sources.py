@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.catalog import ENTRY_SCHEMA, KIND_FILE, KIND_PARQUET, KIND_TAR, failure_row, image_id
+from storage.retry import is_transient, with_retries
 from storage.uris import Location
 
 DEFAULT_IMAGE_EXTENSIONS = (
@@ -222,7 +223,13 @@ def fetch_bytes(entries: list[dict], storage_options: dict, image_column: str = 
             results = fs.cat_ranges(paths, starts, ends, on_error="return")
         except Exception as exc:  # a filesystem without on_error support, or a dead connection
             results = [exc] * len(ranged)
-        for i, data in zip(ranged, results):
+        for i, start, end, data in zip(ranged, starts, ends, results):
+            if is_transient(data):  # a throttled or dropped read: retried alone, with backoff
+                path = fs._strip_protocol(entries[i]["uri"])
+                try:
+                    data = with_retries(lambda: fs.cat_file(path, start, end), f"read {entries[i]['uri']}")
+                except Exception as exc:
+                    data = exc
             out[i] = data
     by_file = defaultdict(list)
     for i, e in enumerate(entries):

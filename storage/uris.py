@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from storage.retry import with_retries
+
 _CREDENTIAL_KEY = re.compile(r"^(key|secret|token)$|secret|password|passwd|credential|access_key|session_token", re.I)
 
 
@@ -135,13 +137,19 @@ class Location:
         return self.fs.unstrip_protocol(path) if not isinstance(self.fs, LocalFileSystem) else path
 
     # -- reads ---------------------------------------------------------------------
+    def _retry(self, call, verb: str, *parts: str):
+        return with_retries(call, f"{verb} {redact(self.uri)}/{'/'.join(parts)}")
+
     def exists(self, *parts: str) -> bool:
-        # Other processes (Ray workers) write here: never trust this process's listings cache.
-        self.fs.invalidate_cache(self.path(*parts))
-        return self.fs.exists(self.path(*parts))
+        def check() -> bool:
+            # Other processes (Ray workers) write here: never trust this process's listings cache.
+            self.fs.invalidate_cache(self.path(*parts))
+            return self.fs.exists(self.path(*parts))
+
+        return self._retry(check, "exists", *parts)
 
     def read_bytes(self, *parts: str) -> bytes:
-        return self.fs.cat_file(self.path(*parts))
+        return self._retry(lambda: self.fs.cat_file(self.path(*parts)), "read", *parts)
 
     def read_text(self, *parts: str) -> str:
         return self.read_bytes(*parts).decode("utf-8")
@@ -157,7 +165,7 @@ class Location:
         folder = self.path(*parts)
         self.fs.invalidate_cache(folder)
         try:
-            entries = self.fs.ls(folder, detail=False)
+            entries = self._retry(lambda: self.fs.ls(folder, detail=False), "list", *parts)
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
@@ -177,7 +185,7 @@ class Location:
                 f.write(data)
             self.fs.mv(tmp, target)
         else:
-            self.fs.pipe_file(target, data)
+            self._retry(lambda: self.fs.pipe_file(target, data), "write", *parts)
 
     def write_text(self, text: str, *parts: str) -> None:
         self.write_bytes(text.encode("utf-8"), *parts)
@@ -192,6 +200,6 @@ class Location:
 
     def delete(self, *parts: str) -> None:
         try:
-            self.fs.rm(self.path(*parts), recursive=True)
+            self._retry(lambda: self.fs.rm(self.path(*parts), recursive=True), "delete", *parts)
         except FileNotFoundError:
             pass
