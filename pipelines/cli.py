@@ -7,9 +7,10 @@ import json
 import logging
 import os
 import sys
+import time
 
 from configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
-from storage.uris import StorageError, find_credential_options, redact_text
+from storage.uris import Location, StorageError, find_credential_options, redact_text
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
 
@@ -110,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=8, help="results shown per ranking (default: %(default)s)")
     _add_storage_args(p)
 
+    p = sub.add_parser("versions", help="list an index's versions", description="List the version folders of an "
+                       "index: published or in progress, which one is live (LATEST), counts, model and dates.")
+    p.add_argument("index", help="index root URI")
+    _add_storage_args(p)
+
+    p = sub.add_parser("rollback", help="make an earlier published version the live one",
+                       description="Point LATEST at an earlier published version (taking the index lock, so it cannot "
+                       "race a publish). Readers see it the next time they open the index.")
+    p.add_argument("index", help="index root URI")
+    p.add_argument("version", help="a published version, e.g. v000003")
+    _add_storage_args(p)
+
     p = sub.add_parser("demo", help="index -> rerank -> evaluate -> report on a set made from the bundled photos, offline",
                        description="Offline quick start: builds an instance-retrieval set from the photos shipped with "
                        "the package (positives under viewpoint/scale change, occlusion, small objects in clutter and "
@@ -128,6 +141,18 @@ def _print_summary(summary: dict, as_json: bool) -> None:
     from pipelines.index import format_summary
 
     print(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
+
+
+def format_versions(rows: list[dict]) -> str:
+    def when(t):
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(t)) if t else "-"
+
+    lines = [f"{'version':9s} {'state':12s} {'indexed':>9s} {'published (UTC)':17s} {'parent':9s} model / factory"]
+    for r in rows:
+        state = "live" if r["live"] else "published" if r["published"] else "in progress"
+        lines.append(f"{r['version']:9s} {state:12s} {r['indexed'] if r['indexed'] is not None else '-':>9} "
+                     f"{when(r['published_at']):17s} {r['parent'] or '-':9s} {r['model'] or '-'} / {r['factory'] or '-'}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +196,19 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.report import write_report
 
             print(write_report(args.results, args.ground_truth, args.queries, args.top, _storage_options(args.storage_options)))
+        elif args.command == "versions":
+            from storage.versions import version_table
+
+            rows = version_table(Location(args.index, _storage_options(args.storage_options)))
+            print(json.dumps(rows, indent=2) if args.json else format_versions(rows))
+        elif args.command == "rollback":
+            from storage.lock import IndexLock
+            from storage.versions import rollback
+
+            index = Location(args.index, _storage_options(args.storage_options))
+            with IndexLock(index, "mllm-index rollback", ttl_seconds=300):
+                rollback(index, args.version)
+            print(f"LATEST -> {args.version}")
         elif args.command == "demo":
             from pipelines.demo import run_demo
 

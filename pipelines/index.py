@@ -26,6 +26,7 @@ from pipelines.parts import PartCollector, finished_parts, load_or_make_plan
 from pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
 from storage.sources import SourceSpec
 from storage.uris import Location, check_under_roots, redact
+from storage.lock import IndexLock
 from storage.versions import begin_version, fingerprint, publish
 
 log = logging.getLogger(__name__)
@@ -56,11 +57,16 @@ def write_index_part(version: Location, part: int, cols: dict[str, np.ndarray]) 
     return stats
 
 
-def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: dict, model: dict) -> tuple[dict[int, dict], dict]:
+def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: dict, model: dict,
+                lock: IndexLock) -> tuple[dict[int, dict], dict]:
     """(stats per finished part, timing): streams the parts through decode and embed."""
     tables = [version.read_parquet("plan", part_file(p)) for p in todo]
     expected = {p: t.num_rows for p, t in zip(todo, tables)}
-    writer = PartCollector(expected, lambda part, cols: write_index_part(version, part, cols))
+    def write(part: int, cols: dict) -> dict:
+        lock.renew()  # before writing: a run whose lock was taken over must not write
+        return write_index_part(version, part, cols)
+
+    writer = PartCollector(expected, write)
     for p in [p for p, n in expected.items() if n == 0]:
         writer.done[p] = {"part": p, "rows": 0, "indexed": 0, "failed": 0, "errors": {}, "dim": 0}
         version.write_json(writer.done[p], "stats", part_file(p, "json"))
@@ -129,10 +135,15 @@ def run_index(cfg: IndexJobConfig) -> dict:
     cfg.require()
     for field, uri in (("source.uri", cfg.source.uri), ("index.uri", cfg.index.uri)):
         check_under_roots(uri, cfg.storage.allowed_roots, field)
+    index = Location(cfg.index.uri, cfg.storage.options)
+    with IndexLock(index, "mllm-index index", cfg.index.lock_ttl) as lock:
+        return _run_index_locked(cfg, index, lock)
+
+
+def _run_index_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock) -> dict:
     t0 = time.time()
     stages: dict[str, float] = {}
     spec = source_spec(cfg)
-    index = Location(cfg.index.uri, cfg.storage.options)
     prep = load_preprocessing(cfg.model.name, cfg.model.image_size)
     settings = {"source": cfg.source.model_dump(), "model": cfg.model.model_dump(), "preprocessing": prep,
                 "index": {k: getattr(cfg.index, k) for k in ("factory", "metric", "shard_size")}, "part_size": cfg.run.part_size}
@@ -150,7 +161,8 @@ def run_index(cfg: IndexJobConfig) -> dict:
     model = cfg.model.model_dump()
     if cfg.model.name == SIFT_VLAD:
         model.update(vlad_codebook(version, plan, cfg, prep))
-    new_parts, rates = embed_parts(version, todo, cfg, prep, model) if todo else ({}, {})
+    new_parts, rates = embed_parts(version, todo, cfg, prep, model, lock) if todo else ({}, {})
+    lock.renew()
     done.update(new_parts)
     stages["decode_embed"] = time.time() - t
     processed = sum(done[p]["rows"] for p in todo)
@@ -194,6 +206,7 @@ def run_index(cfg: IndexJobConfig) -> dict:
         "failures": {"parts": ["listing.parquet"] + [part_file(p) for p in sorted(done)]},
     }
     t = time.time()
+    lock.renew()
     publish(index, version_name, manifest)
     summary["stage_seconds"]["publish"] = round(time.time() - t, 3)
     return summary

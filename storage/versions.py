@@ -84,3 +84,25 @@ def publish(index: Location, version: str, manifest: dict[str, Any]) -> None:
     manifest = dict(manifest, format_version=FORMAT_VERSION, version=version, published_at=time.time())
     index.write_json(manifest, "versions", version, MANIFEST)
     index.write_text(version + "\n", LATEST)
+
+
+def version_table(index: Location) -> list[dict]:
+    """One row per version folder: published or not, live or not, counts and times."""
+    live = read_latest(index)
+    rows = []
+    for name in list_versions(index):
+        manifest = index.read_json("versions", name, MANIFEST) if is_published(index, name) else None
+        run = index.read_json("versions", name, RUN) if index.exists("versions", name, RUN) else {}
+        rows.append({"version": name, "live": name == live, "published": manifest is not None,
+                     "published_at": (manifest or {}).get("published_at"), "started_at": run.get("started_at"),
+                     "parent": (manifest or run).get("parent"), "indexed": ((manifest or {}).get("counts") or {}).get("indexed"),
+                     "model": ((manifest or {}).get("model") or {}).get("name"), "factory": (manifest or {}).get("factory")})
+    return rows
+
+
+def rollback(index: Location, version: str) -> None:
+    """Point LATEST at an earlier (published) version; readers switch on their next open."""
+    if not VERSION_PATTERN.match(version) or not is_published(index, version):
+        published = [r["version"] for r in version_table(index) if r["published"]]
+        raise ValueError(f"{version} is not a published version of {index!r} (published: {', '.join(published) or 'none'})")
+    index.write_text(version + "\n", LATEST)

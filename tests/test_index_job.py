@@ -142,10 +142,11 @@ def test_killed_driver_resumes_without_loss_or_duplicates(ray_session, s3_bucket
     output = proc.communicate()[0]
     assert len(index.list_names("versions", "v000001", "stats")) == 3, output[-3000:]
     assert not index.exists("LATEST") and not index.exists("versions", "v000001", "manifest.json")
+    assert index.read_json("LOCK.json")["pid"] == proc.pid  # the killed driver's lock is still there...
 
     sets.append(f"storage.options={{endpoint_url: '{options['endpoint_url']}'}}")
     cfg = load_config(IndexJobConfig, None, {"source.uri": source.uri, "index.uri": index_uri, "model.name": tiny_dinov2}, sets)
-    resumed = run_index(cfg)
+    resumed = run_index(cfg)  # ...and is taken over at once: its process is gone
     assert resumed["resumed"] and resumed["version"] == "v000001"
     assert resumed["images_processed_this_run"] == len(photos) - 3 * 4  # finished parts were not redone
     assert resumed["counts"]["failed"] == 0  # the killed run's workers reached S3 too (AWS_ENDPOINT_URL forwarded)

@@ -1,0 +1,92 @@
+"""Version management: the index lock, the version table, rollback, readers during a publish."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from configs.schema import IndexJobConfig, load_config
+from pipelines.index import run_index
+from storage.lock import LOCK, IndexLock, LockHeld
+from storage.search import IndexSearcher
+from storage.shard_store import publish_vectors
+from storage.synthetic import clustered_vectors
+from storage.uris import Location
+from storage.versions import read_latest, rollback, version_table
+
+
+def test_lock_refuses_a_second_writer_and_is_taken_over_after_expiry(tmp_path):
+    index = Location(str(tmp_path / "idx"))
+    first = IndexLock(index, "nightly update", ttl_seconds=60).acquire()
+    with pytest.raises(LockHeld, match="locked by nightly update"):
+        IndexLock(index, "second run").acquire()
+    first.renew()
+    first.release()
+    assert not index.exists(LOCK)
+    crashed = IndexLock(index, "crashed run", ttl_seconds=0.01).acquire()
+    time.sleep(0.05)
+    survivor = IndexLock(index, "next run").acquire()  # the crashed run's lock expired: taken over
+    with pytest.raises(LockHeld, match="taken over"):
+        crashed.renew()  # the presumed-dead run must stop before writing anything else
+    survivor.release()
+
+
+def test_lock_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path):
+    import subprocess
+    import sys
+
+    index = Location(str(tmp_path / "idx"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    IndexLock(index, "killed driver", ttl_seconds=3600).acquire()
+    lock = index.read_json(LOCK)
+    index.write_json(dict(lock, pid=int(dead.stdout)), LOCK)  # as if that (now finished) process held it
+    IndexLock(index, "re-run").acquire().release()
+
+
+def test_index_job_refuses_while_another_run_holds_the_lock(tmp_path):
+    index = Location(str(tmp_path / "idx"))
+    with IndexLock(index, "nightly update", ttl_seconds=60):
+        cfg = load_config(IndexJobConfig, None, {"source.uri": str(tmp_path / "g"), "index.uri": index.uri, "model.name": "m"})
+        with pytest.raises(LockHeld, match="another run is writing this index"):
+            run_index(cfg)
+    assert not index.exists("versions")  # refused before writing anything
+
+
+def publish(index: Location, n: int, seed: int) -> str:
+    x = clustered_vectors(n, 32, seed=seed)
+    return publish_vectors(index, np.arange(n, dtype=np.int64) + 10_000 * seed, x, "IVF4,Flat", part_size=500)
+
+
+def test_version_table_and_rollback(tmp_path):
+    index = Location(str(tmp_path / "idx"))
+    v1, v2 = publish(index, 300, 1), publish(index, 500, 2)
+    rows = version_table(index)
+    assert [(r["version"], r["live"], r["indexed"]) for r in rows] == [(v1, False, 300), (v2, True, 500)]
+    rollback(index, v1)
+    assert read_latest(index) == v1 and IndexSearcher(index.uri).ntotal == 300
+    with pytest.raises(ValueError, match="published: v000001, v000002"):
+        rollback(index, "v000007")
+
+
+def test_readers_see_a_whole_version_while_new_ones_publish(tmp_path):
+    index = Location(str(tmp_path / "idx"))
+    publish(index, 300, 1)
+    seen, errors, stop = [], [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                searcher = IndexSearcher(index.uri)
+                seen.append((searcher.version, searcher.ntotal, searcher.manifest["counts"]["indexed"], len(searcher.ids)))
+            except Exception as exc:  # a half-published version would show up here
+                errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    for seed, n in ((2, 400), (3, 500), (4, 600)):
+        publish(index, n, seed)
+    stop.set()
+    thread.join()
+    assert not errors and len({s[0] for s in seen}) >= 2
+    assert all(ntotal == indexed == vectors for _, ntotal, indexed, vectors in seen)  # never a mix of versions
