@@ -111,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=8, help="results shown per ranking (default: %(default)s)")
     _add_storage_args(p)
 
+    p = sub.add_parser("update", help="nightly update: embed only what changed, publish a new version",
+                       description="Diff the source against the live version's catalog (added, changed by etag or size, "
+                       "deleted), embed only added and changed images with the live model, carry the rest over, rebuild "
+                       "the shards on the same trained index (retrain when the gallery grew past --retrain-factor, or "
+                       "with --retrain) and publish a new version. A run with nothing to change publishes nothing.")
+    p.add_argument("source", nargs="?", help="gallery URI; or source.uri in --config")
+    p.add_argument("index", nargs="?", help="index root URI; or index.uri in --config")
+    p.add_argument("--retrain", action="store_true", help="retrain the IVF-PQ index on the updated gallery")
+    p.add_argument("--retrain-factor", type=float, default=2.0,
+                   help="retrain when the gallery is this many times larger than at the last training (default: %(default)s)")
+    _add_config_args(p)
+
     p = sub.add_parser("versions", help="list an index's versions", description="List the version folders of an "
                        "index: published or in progress, which one is live (LATEST), counts, model and dates.")
     p.add_argument("index", help="index root URI")
@@ -196,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.report import write_report
 
             print(write_report(args.results, args.ground_truth, args.queries, args.top, _storage_options(args.storage_options)))
+        elif args.command == "update":
+            from pipelines.update import format_update, run_update
+
+            cfg = load_config(IndexJobConfig, args.config, {"source.uri": args.source, "index.uri": args.index}, args.overrides)
+            init_ray(cfg.run.ray_address)
+            summary = run_update(cfg, args.retrain, args.retrain_factor)
+            print(json.dumps(summary, indent=2, default=str) if args.json else format_update(summary))
         elif args.command == "versions":
             from storage.versions import version_table
 

@@ -104,10 +104,11 @@ def vlad_codebook(version: Location, plan: dict, cfg: IndexJobConfig, prep: dict
 
 
 # -- build: train once, fill shards in parallel ------------------------------------------
-def build_index(version: Location, part_stats: dict[int, dict], cfg: IndexJobConfig, dim: int) -> tuple[str, int, list[dict]]:
+def build_index(version: Location, part_stats: dict[int, dict], cfg: IndexJobConfig, dim: int,
+                factory: str | None = None) -> tuple[str, int, list[dict]]:
     counts = {p: s["indexed"] for p, s in part_stats.items()}
     total = sum(counts.values())
-    factory = cfg.index.factory if cfg.index.factory != "auto" else default_factory(total, dim)
+    factory = factory or (cfg.index.factory if cfg.index.factory != "auto" else default_factory(total, dim))
     gpus = ray.cluster_resources().get("GPU", 0) if cfg.index.use_gpu else 0
     task_gpus = 1 if gpus >= 1 else 0
     train_points = 0
@@ -154,57 +155,71 @@ def _run_index_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock) -> 
     t = time.time()
     plan = load_or_make_plan(version, spec, cfg.run.part_size)
     stages["list"] = time.time() - t
-
-    t = time.time()
-    done = finished_parts(version)
-    todo = [p for p in range(plan["parts"]) if p not in done]
     model = cfg.model.model_dump()
     if cfg.model.name == SIFT_VLAD:
         model.update(vlad_codebook(version, plan, cfg, prep))
+    done, processed, rates = embed_todo(version, plan, cfg, prep, model, lock, stages)
+    summary = {"version": version_name, "resumed": resumed, "index_uri": redact(index.uri),
+               "source_uri": redact(spec.location().uri), "images_processed_this_run": processed, **rates}
+    return finish_version(index, version_name, cfg, plan, done, model, prep, stages, lock, t0, summary)
+
+
+def embed_todo(version: Location, plan: dict, cfg: IndexJobConfig, prep: dict, model: dict, lock: IndexLock,
+               stages: dict) -> tuple[dict[int, dict], int, dict]:
+    """Embed the planned parts that have no marker yet: (stats of all finished parts, images processed, timing)."""
+    t = time.time()
+    done = finished_parts(version)
+    todo = [p for p in range(plan["parts"]) if p not in done]
     new_parts, rates = embed_parts(version, todo, cfg, prep, model, lock) if todo else ({}, {})
     lock.renew()
     done.update(new_parts)
     stages["decode_embed"] = time.time() - t
     processed = sum(done[p]["rows"] for p in todo)
+    if processed and stages["decode_embed"]:
+        rates["images_per_second"] = round(processed / stages["decode_embed"], 2)
+    return done, processed, rates
 
+
+def finish_version(index: Location, version_name: str, cfg: IndexJobConfig, plan: dict, done: dict[int, dict], model: dict,
+                   prep: dict, stages: dict, lock: IndexLock, t0: float, summary: dict, factory: str | None = None) -> dict:
+    """Train (unless trained.faiss exists) and fill the shards, write stats.json and the manifest, publish."""
+    version = index.child("versions", version_name)
     counts = {"seen": plan["seen"], "indexed": sum(s["indexed"] for s in done.values()),
               "failed": plan["list_failures"] + sum(s["failed"] for s in done.values()),
               "skipped": sum(plan["skipped"].values())}
     errors = Counter(plan["list_errors"])
     for s in done.values():
         errors.update(s["errors"])
-    summary = {"version": version_name, "resumed": resumed, "counts": counts, "skipped_by_extension": plan["skipped"],
-               "errors": dict(errors), "index_uri": redact(index.uri), "source_uri": redact(spec.location().uri)}
+    summary.update(counts=counts, skipped_by_extension=plan["skipped"], errors=dict(errors))
+    summary.setdefault("images_per_second", None)
     if counts["indexed"] == 0:
         version.write_json(summary, "stats.json")
         raise JobError(f"no image could be indexed ({counts['failed']} failed, {counts['skipped']} skipped); "
                        f"see {redact(version.uri)}/failures/ — nothing was published")
     dim = max(s["dim"] for s in done.values())
-
     t = time.time()
-    factory, train_points, shards = build_index(version, done, cfg, dim)
+    factory, train_points, shards = build_index(version, done, cfg, dim, factory)
     stages["train_add"] = time.time() - t
     total_bytes = sum(s["bytes"] for s in shards)
-    wall = time.time() - t0
     summary.update(
         factory=factory, dim=dim, metric=cfg.index.metric, train_points=train_points, shards=len(shards),
         index_bytes=total_bytes, index_bytes_per_vector=total_bytes / counts["indexed"],
         flat_float32_bytes_per_vector=4 * dim, stage_seconds={k: round(v, 3) for k, v in stages.items()},
-        wall_seconds=round(wall, 3), images_processed_this_run=processed,
-        images_per_second=round(processed / stages["decode_embed"], 2) if processed and stages["decode_embed"] else None,
-        **rates,
+        wall_seconds=round(time.time() - t0, 3),
     )
     version.write_json(summary, "stats.json")
+    parts = [part_file(p) for p in sorted(done)]
     manifest = {
         "model": {k: v for k, v in model.items() if not k.endswith("_uri")}, "preprocessing": prep, "dim": dim,
-        "metric": cfg.index.metric,
-        "factory": factory, "nprobe": cfg.index.nprobe, "rescore": cfg.index.rescore,
-        "source": {"uri": redact(spec.location().uri), "format": cfg.source.format},
-        "shards": shards, "counts": counts, "parent": index.read_json("versions", version_name, "run.json").get("parent"),
-        "embeddings": {"dtype": "float16", "parts": [part_file(p) for p in sorted(done)]},
-        "catalog": {"parts": [part_file(p) for p in sorted(done)]},
-        "failures": {"parts": ["listing.parquet"] + [part_file(p) for p in sorted(done)]},
+        "metric": cfg.index.metric, "factory": factory, "nprobe": cfg.index.nprobe, "rescore": cfg.index.rescore,
+        "source": {"uri": summary["source_uri"], "format": cfg.source.format}, "shards": shards, "counts": counts,
+        "parent": index.read_json("versions", version_name, "run.json").get("parent"),
+        "trained_on": summary.get("trained_on") or counts["indexed"],  # gallery size at the last training
+        "embeddings": {"dtype": "float16", "parts": parts}, "catalog": {"parts": parts},
+        "failures": {"parts": ["listing.parquet"] + parts},
     }
+    if summary.get("update"):
+        manifest["update"] = summary["update"]
     t = time.time()
     lock.renew()
     publish(index, version_name, manifest)

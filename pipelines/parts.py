@@ -23,12 +23,8 @@ from storage.sources import SourceSpec, assign_ids, list_source, scan_container
 from storage.uris import Location, redact_text
 
 
-def make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA) -> dict:
-    """List the source (containers scanned in parallel Ray tasks), cut it into parts, save it.
-
-    Listing failures go to failures/listing.parquet in the job's failure schema, so the whole
-    failures/ folder reads as one table (a query job's failures also carry `query_id`).
-    """
+def list_entries(spec: SourceSpec) -> tuple[pa.Table, list[dict], Counter]:
+    """(entries with stable ids, listing failures, skipped by extension): containers scanned in Ray tasks."""
     listing = list_source(spec)
     scan = ray.remote(num_cpus=0.5)(_scan_or_fail)
     results = ray.get([scan.remote(uri, kind, etag, spec) for uri, kind, etag in listing.containers])
@@ -38,8 +34,17 @@ def make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: 
         skipped.update(skip)
         failures += failure
     table, duplicates = assign_ids(entries, spec.location().uri)
-    failures += duplicates
-    n_parts = max(1, -(-table.num_rows // part_size))
+    return table, failures + duplicates, skipped
+
+
+def write_plan(dest: Location, table: pa.Table, failures: list[dict], skipped: Counter, part_size: int,
+               failure_schema: pa.Schema = FAILURE_SCHEMA, seen: int | None = None, extra: dict | None = None) -> dict:
+    """Cut entries into parts and save them; plan/plan.json is written last (the plan's done marker).
+
+    Listing failures go to failures/listing.parquet in the job's failure schema, so the whole
+    failures/ folder reads as one table (a query job's failures also carry `query_id`).
+    """
+    n_parts = -(-table.num_rows // part_size) if table.num_rows else (0 if extra else 1)
     for p in range(n_parts):
         part = table.slice(p * part_size, part_size)
         dest.write_parquet(part.append_column("part", pa.array(np.full(part.num_rows, p, np.int32))), "plan", part_file(p))
@@ -47,9 +52,15 @@ def make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: 
     dest.write_parquet(pa.Table.from_pylist(rows, schema=failure_schema), "failures", "listing.parquet")
     plan = {"parts": n_parts, "entries": table.num_rows, "skipped": dict(skipped), "list_failures": len(failures),
             "list_errors": dict(Counter(f["error_type"] for f in failures)),
-            "seen": table.num_rows + len(failures) + sum(skipped.values())}
-    dest.write_json(plan, "plan", "plan.json")  # written last: the plan's done marker
+            "seen": seen if seen is not None else table.num_rows + len(failures) + sum(skipped.values()), **(extra or {})}
+    dest.write_json(plan, "plan", "plan.json")
     return plan
+
+
+def make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA) -> dict:
+    """List the source, cut it into parts, save it."""
+    table, failures, skipped = list_entries(spec)
+    return write_plan(dest, table, failures, skipped, part_size, failure_schema)
 
 
 def load_or_make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA) -> dict:

@@ -1,0 +1,99 @@
+"""Nightly cycle: build v1, add ~10%, delete ~5%, change ~5%, update; the live index must answer
+like a full rebuild over the new gallery would."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from configs.schema import ConfigError, IndexJobConfig, load_config
+from pipelines.demo import bundled_photos
+from pipelines.index import run_index
+from pipelines.update import run_update
+from storage.faiss_store import index_from_bytes, stored_ids
+from storage.search import IndexSearcher
+from storage.uris import Location
+from storage.versions import list_versions, read_latest
+
+pytestmark = pytest.mark.e2e
+
+
+def jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def views(n: int) -> dict[str, bytes]:
+    out = {}
+    for path in bundled_photos()[:n]:
+        img = Image.open(path).convert("RGB")
+        img.thumbnail((160, 160))
+        out[f"{path.stem}/a.jpg"] = jpeg(img)
+        out[f"{path.stem}/b.jpg"] = jpeg(img.crop((8, 8, img.width - 8, img.height - 8)))
+    return out
+
+
+def config(source: Path, index: Path, model: str | None) -> IndexJobConfig:
+    return load_config(IndexJobConfig, None, {"source.uri": str(source), "index.uri": str(index), "model.name": model,
+                                              "run.part_size": 8, "decode.batch_size": 8, "embed.batch_size": 8})
+
+
+def snapshot(index_uri: str) -> tuple[set, dict, IndexSearcher]:
+    searcher = IndexSearcher(index_uri)
+    loc, m = searcher.location, searcher.manifest
+    ids = np.concatenate([stored_ids(index_from_bytes(loc.read_bytes("versions", m["version"], "shards", s["name"])))
+                          for s in m["shards"]])
+    assert len(ids) == len(set(ids.tolist()))  # no id twice
+    catalog = {}
+    for name in m["catalog"]["parts"]:
+        for row in loc.read_parquet("versions", m["version"], "catalog", name).to_pylist():
+            catalog[row["key"]] = row["image_id"]
+    return set(ids.tolist()), catalog, searcher
+
+
+def test_nightly_update_matches_a_full_rebuild(ray_session, tiny_dinov2, tmp_path):
+    gallery = tmp_path / "gallery"
+    files = views(18)  # 36 images
+    for key, data in files.items():
+        (gallery / key).parent.mkdir(parents=True, exist_ok=True)
+        (gallery / key).write_bytes(data)
+    run_index(config(gallery, tmp_path / "index", tiny_dinov2))
+
+    keys = sorted(files)
+    for key in keys[:2]:  # delete ~5%
+        (gallery / key).unlink()
+    for key in keys[2:4]:  # change ~5%: another picture under the same name
+        (gallery / key).write_bytes(jpeg(ImageOps.mirror(Image.open(io.BytesIO(files[key])))))
+    for i, key in enumerate(keys[4:8]):  # add ~10%
+        (gallery / "new" / f"{i}.jpg").parent.mkdir(exist_ok=True)
+        (gallery / "new" / f"{i}.jpg").write_bytes(jpeg(ImageOps.flip(Image.open(io.BytesIO(files[key])))))
+
+    summary = run_update(config(gallery, tmp_path / "index", None))
+    assert summary["published"] and summary["version"] == "v000002" and not summary["retrained"]
+    assert summary["update"] == {"added": 4, "changed": 2, "deleted": 2, "unchanged": 32}
+    assert summary["images_processed_this_run"] == 6  # only added + changed were decoded and embedded
+    assert summary["counts"]["indexed"] == 38
+
+    run_index(config(gallery, tmp_path / "rebuild", tiny_dinov2))
+    ids, catalog, searcher = snapshot(str(tmp_path / "index"))
+    rebuilt_ids, rebuilt_catalog, rebuilt = snapshot(str(tmp_path / "rebuild"))
+    assert ids == rebuilt_ids and catalog == rebuilt_catalog
+    # The same queries find the same images (the changed ones included: their new vectors, not the old).
+    order = np.argsort(rebuilt.ids)
+    queries = rebuilt.vectors[order][:, :].astype(np.float32)
+    _, live_top = searcher.search(queries, k=1, rescore=20)
+    _, rebuilt_top = rebuilt.search(queries, k=1, rescore=20)
+    assert (live_top[:, 0] == rebuilt_top[:, 0]).mean() == 1.0
+
+    again = run_update(config(gallery, tmp_path / "index", None))
+    assert not again["published"] and again["update"]["unchanged"] == 38
+    assert read_latest(Location(str(tmp_path / "index"))) == "v000002"
+    assert list_versions(Location(str(tmp_path / "index"))) == ["v000001", "v000002"]  # no empty folder left behind
+
+    with pytest.raises(ConfigError, match="full rebuild"):
+        run_update(config(gallery, tmp_path / "index", "some/other-model"))
