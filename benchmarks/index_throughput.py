@@ -16,40 +16,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import shutil
 import time
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
 from actors.decode import decode_image, letterbox
 from actors.embed import EmbedImages, load_preprocessing
-from pipelines.demo import bundled_photos
+from benchmarks_common import make_gallery  # sibling module
 from pipelines.tiny_models import make_tiny_backbone
-
-
-def make_gallery(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    photos = [Image.open(p).convert("RGB") for p in bundled_photos()]
-    paths = []
-    for i in range(n):
-        img = photos[i % len(photos)]
-        w, h = img.size
-        f = rng.uniform(0.75, 1.0)
-        x, y = rng.randint(0, int(w * (1 - f))), rng.randint(0, int(h * (1 - f)))
-        view = img.crop((x, y, x + int(w * f), y + int(h * f)))
-        view = view.resize((size, int(size * view.height / view.width)), Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
-            view = ImageOps.mirror(view)
-        view = ImageEnhance.Brightness(view).enhance(rng.uniform(0.7, 1.3))
-        path = folder / f"{i:05d}.jpg"
-        view.save(path, quality=90)
-        paths.append(path)
-    return paths
 
 
 def naive_loop(paths: list[Path], model: str, prep: dict, factory: str) -> float:
