@@ -82,7 +82,8 @@ def load_vision_model(model: str) -> torch.nn.Module:
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the text tower's weights are "unexpected" here, by design
     try:
-        loaded, info = cls.from_pretrained(model, output_loading_info=True, **kwargs)
+        # safetensors only: a .bin checkpoint is a pickle, and no pickle is loaded from storage.
+        loaded, info = cls.from_pretrained(model, output_loading_info=True, use_safetensors=True, **kwargs)
     except RuntimeError as exc:  # transformers' own size-mismatch error
         raise ValueError(f"{model}: weights of {cls.__name__} missing or of the wrong shape: {str(exc)[:300]}") from exc
     finally:

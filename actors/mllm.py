@@ -111,7 +111,9 @@ class MLLMScorer:
         self.processor.tokenizer.padding_side = "left"
         if self.processor.tokenizer.pad_token is None:
             self.processor.tokenizer.pad_token = self.processor.tokenizer.eos_token
-        self.model = transformers.AutoModelForImageTextToText.from_pretrained(model, dtype=torch_dtype).to(self.device).eval()
+        # safetensors only: a .bin checkpoint is a pickle, and no pickle is loaded from storage.
+        self.model = transformers.AutoModelForImageTextToText.from_pretrained(
+            model, dtype=torch_dtype, use_safetensors=True).to(self.device).eval()
         self.yes_ids = torch.tensor(answer_token_ids(self.processor.tokenizer, list(yes_words)), device=self.device)
         self.no_ids = torch.tensor(answer_token_ids(self.processor.tokenizer, list(no_words)), device=self.device)
         if set(self.yes_ids.tolist()) & set(self.no_ids.tolist()):
