@@ -74,6 +74,8 @@ class IndexConfig(Section):
     nprobe: int = Field(32, gt=0)  # default for searches, recorded in the manifest
     rescore: int = Field(200, ge=0)  # default exact re-score shortlist for searches
     use_gpu: bool = True  # train/add with faiss-gpu when the node has GPUs
+    keep_versions: int | None = Field(None, gt=0)  # after a publish, delete older versions beyond this many (never
+    # the live one, nor one a reader holds a lease on); None keeps every version
     lock_ttl: float = Field(3600.0, gt=0)  # seconds; renewed as parts finish; a crashed run's lock expires after it
 
 

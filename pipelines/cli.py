@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", help="a published version, e.g. v000003")
     _add_storage_args(p)
 
+    p = sub.add_parser("gc", help="delete old index versions (never the live one or a leased one)",
+                       description="Delete published versions beyond the newest --keep, except the live version and any "
+                       "version a running reader (a rerank job) holds a lease on, and abandoned unpublished folders older "
+                       "than the newest published version. Takes the index lock, so no writer is working meanwhile.")
+    p.add_argument("index", help="index root URI")
+    p.add_argument("--keep", type=int, required=True, help="how many of the newest published versions to keep")
+    _add_storage_args(p)
+
     p = sub.add_parser("demo", help="index -> rerank -> evaluate -> report on a set made from the bundled photos, offline",
                        description="Offline quick start: builds an instance-retrieval set from the photos shipped with "
                        "the package (positives under viewpoint/scale change, occlusion, small objects in clutter and "
@@ -228,6 +236,15 @@ def main(argv: list[str] | None = None) -> int:
             with IndexLock(index, "mllm-index rollback", ttl_seconds=300):
                 rollback(index, args.version)
             print(f"LATEST -> {args.version}")
+        elif args.command == "gc":
+            from storage.lock import IndexLock, leased_versions
+            from storage.versions import collect_garbage
+
+            index = Location(args.index, _storage_options(args.storage_options))
+            with IndexLock(index, "mllm-index gc", ttl_seconds=600):
+                result = collect_garbage(index, args.keep, leased_versions(index))
+            print(json.dumps(result) if args.json else f"deleted: {', '.join(result['deleted']) or 'nothing'}; "
+                                                        f"kept: {', '.join(result['kept'])}")
         elif args.command == "demo":
             from pipelines.demo import run_demo
 

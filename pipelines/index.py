@@ -26,8 +26,8 @@ from pipelines.parts import PartCollector, finished_parts, load_or_make_plan
 from pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
 from storage.sources import SourceSpec
 from storage.uris import Location, check_under_roots, redact
-from storage.lock import IndexLock
-from storage.versions import begin_version, fingerprint, publish
+from storage.lock import IndexLock, leased_versions
+from storage.versions import begin_version, collect_garbage, fingerprint, publish
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,8 @@ def finish_version(index: Location, version_name: str, cfg: IndexJobConfig, plan
     t = time.time()
     lock.renew()
     publish(index, version_name, manifest)
+    if cfg.index.keep_versions:
+        summary["garbage_collected"] = collect_garbage(index, cfg.index.keep_versions, leased_versions(index))["deleted"]
     summary["stage_seconds"]["publish"] = round(time.time() - t, 3)
     return summary
 

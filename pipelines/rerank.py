@@ -26,6 +26,7 @@ from configs.schema import ConfigError, RerankJobConfig
 from pipelines.parts import PartCollector, finished_parts, load_or_make_plan
 from pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
 from storage.catalog import FAILURE_SCHEMA
+from storage.lock import ReadLease
 from storage.search import Catalog
 from storage.shard_store import part_file
 from storage.sources import SourceSpec, list_source, read_bboxes
@@ -129,6 +130,12 @@ def run_rerank(cfg: RerankJobConfig) -> dict:
                           "use a new output_uri (or the same settings to resume)")
     out.write_json({"fingerprint": fingerprint(settings), "run_id": run_id, "index_version": version, "settings": settings}, "run.json")
 
+    with ReadLease(index, version, f"mllm-index rerank {run_id}") as lease:  # keeps the version from garbage collection
+        return _rerank_leased(cfg, index, out, version, manifest, run_id, roots, lease, t0)
+
+
+def _rerank_leased(cfg: RerankJobConfig, index: Location, out: Location, version: str, manifest: dict, run_id: str,
+                   roots: list[str], lease: ReadLease, t0: float) -> dict:
     spec = query_spec(cfg)
     t = time.time()
     plan = load_or_make_plan(out, spec, cfg.run.part_size, QUERY_FAILURE_SCHEMA)
@@ -137,7 +144,7 @@ def run_rerank(cfg: RerankJobConfig) -> dict:
     done = finished_parts(out)
     todo = [p for p in range(plan["parts"]) if p not in done]
     t = time.time()
-    new, timing = _rerank_parts(out, todo, cfg, index, version, manifest, run_id, boxes, roots) if todo else ({}, {})
+    new, timing = _rerank_parts(out, todo, cfg, index, version, manifest, run_id, boxes, roots, lease) if todo else ({}, {})
     done.update(new)
     stages["embed_search_rerank"] = time.time() - t
     pairs = sum(done[p]["pairs_scored"] for p in todo) if todo else 0
@@ -158,11 +165,15 @@ def run_rerank(cfg: RerankJobConfig) -> dict:
 
 
 def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: Location, version: str, manifest: dict,
-                  run_id: str, boxes: dict, roots: list[str]) -> tuple[dict, dict]:
+                  run_id: str, boxes: dict, roots: list[str], lease: ReadLease) -> tuple[dict, dict]:
     tables = [with_bboxes(out.read_parquet("plan", part_file(p)), boxes, roots) for p in todo]
     expected = {p: t.num_rows for p, t in zip(todo, tables)}
     writer = ResultWriter(out, Catalog(index, version, manifest), run_id, cfg.reranker.model or "knn")
-    collector = PartCollector(expected, writer)
+    def write(part: int, cols: dict) -> dict:
+        lease.renew()
+        return writer(part, cols)
+
+    collector = PartCollector(expected, write)
     for p in [p for p, n in expected.items() if n == 0]:
         collector.done[p] = writer(p, {k: np.zeros(0) for k in ("image_id", "ok", "pairs_scored")})
     tables = [t for t in tables if t.num_rows]

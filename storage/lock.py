@@ -85,3 +85,38 @@ class IndexLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+LEASES = "leases"
+
+
+class ReadLease:
+    """A reader's claim on one version: garbage collection keeps it while the lease is unexpired."""
+
+    def __init__(self, index: Location, version: str, owner: str, ttl_seconds: float = 3600.0):
+        self.index, self.version, self.owner, self.ttl = index, version, owner, ttl_seconds
+        self.name = f"{uuid.uuid4().hex}.json"
+
+    def renew(self) -> None:
+        self.index.write_json({"version": self.version, "owner": self.owner, "host": socket.gethostname(),
+                               "expires_at": time.time() + self.ttl}, LEASES, self.name)
+
+    def __enter__(self) -> "ReadLease":
+        self.renew()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.index.delete(LEASES, self.name)
+
+
+def leased_versions(index: Location) -> set[str]:
+    """Versions with an unexpired read lease (expired leases are left by crashed readers and ignored)."""
+    now, leased = time.time(), set()
+    for name in index.list_names(LEASES):
+        try:
+            lease = index.read_json(LEASES, name)
+        except FileNotFoundError:  # released meanwhile
+            continue
+        if lease["expires_at"] > now:
+            leased.add(lease["version"])
+    return leased

@@ -106,3 +106,28 @@ def rollback(index: Location, version: str) -> None:
         published = [r["version"] for r in version_table(index) if r["published"]]
         raise ValueError(f"{version} is not a published version of {index!r} (published: {', '.join(published) or 'none'})")
     index.write_text(version + "\n", LATEST)
+
+
+def collect_garbage(index: Location, keep: int, protected: set[str] = frozenset()) -> dict[str, list[str]]:
+    """Delete published versions beyond the newest `keep`, except the live one and `protected` (leased)
+    ones, and abandoned unpublished folders older than the newest published version.
+
+    Call it holding the index lock: then no writer is working in any folder it deletes.
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    live = read_latest(index)
+    rows = version_table(index)
+    published = [r["version"] for r in rows if r["published"]]
+    newest = published[-1] if published else None
+    keep_set = set(published[-keep:]) | {live} | set(protected)
+    deleted, kept = [], []
+    for r in rows:
+        name = r["version"]
+        abandoned = not r["published"] and newest is not None and name < newest
+        if (r["published"] and name not in keep_set) or (abandoned and name not in protected):
+            index.delete("versions", name)
+            deleted.append(name)
+        else:
+            kept.append(name)
+    return {"deleted": deleted, "kept": kept}

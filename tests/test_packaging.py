@@ -51,7 +51,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_cli_help_for_every_command():
-    for args in ([], ["index"], ["update"], ["rerank"], ["evaluate"], ["import-gt"], ["report"], ["versions"], ["rollback"], ["demo"]):
+    for args in ([], ["index"], ["update"], ["rerank"], ["evaluate"], ["import-gt"], ["report"], ["versions"], ["rollback"], ["gc"], ["demo"]):
         result = run_cli(*args, "--help")
         assert result.returncode == 0 and "usage: mllm-index" in result.stdout
 

@@ -90,3 +90,45 @@ def test_readers_see_a_whole_version_while_new_ones_publish(tmp_path):
     thread.join()
     assert not errors and len({s[0] for s in seen}) >= 2
     assert all(ntotal == indexed == vectors for _, ntotal, indexed, vectors in seen)  # never a mix of versions
+
+
+def test_garbage_collection_keeps_live_newest_and_leased_versions(tmp_path):
+    from storage.lock import ReadLease, leased_versions
+    from storage.versions import begin_version, collect_garbage
+
+    index = Location(str(tmp_path / "idx"))
+    names = [publish(index, 200, seed) for seed in range(1, 6)]  # v1..v5, v5 live
+    abandoned, _ = begin_version(index, "crashed", {})  # v6: unpublished, newer than every published one
+    rollback(index, names[1])  # v2 live again
+    with ReadLease(index, names[0], "a rerank run"):  # a reader is using v1
+        assert leased_versions(index) == {names[0]}
+        result = collect_garbage(index, keep=2, protected=leased_versions(index))
+    assert result["deleted"] == [names[2]]  # v3: neither live, newest two, nor leased
+    assert [r["version"] for r in version_table(index)] == [names[0], names[1], names[3], names[4], abandoned]
+    assert leased_versions(index) == set()  # the lease is released with the reader
+    expired = ReadLease(index, names[0], "crashed reader", ttl_seconds=-1)
+    expired.renew()  # left behind by a crashed reader: already expired, so it protects nothing
+    newest = publish(index, 200, 7)  # v7 is published and live now; the v6 folder is abandoned
+    result = collect_garbage(index, keep=1, protected=leased_versions(index))
+    assert result["deleted"] == [names[0], names[1], names[3], names[4], abandoned]
+    assert result["kept"] == [newest] and read_latest(index) == newest
+    with pytest.raises(ValueError, match="keep"):
+        collect_garbage(index, keep=0)
+
+
+def test_retention_setting_runs_after_each_publish(ray_session, tiny_dinov2, tmp_path):
+    from pathlib import Path
+
+    from pipelines.demo import bundled_photos
+
+    gallery = Path(tmp_path / "g")
+    gallery.mkdir()
+    for path in bundled_photos()[:4]:
+        (gallery / path.name).write_bytes(path.read_bytes())
+    sets = ["index.keep_versions=2", "run.part_size=4"]
+    for run in range(3):
+        cfg = load_config(IndexJobConfig, None, {"source.uri": str(gallery), "index.uri": str(tmp_path / "idx"),
+                                                 "model.name": tiny_dinov2}, sets + [f"run.seed={run}"])
+        summary = run_index(cfg)
+    assert summary["garbage_collected"] == ["v000001"]
+    assert [r["version"] for r in version_table(Location(str(tmp_path / "idx")))] == ["v000002", "v000003"]
