@@ -97,3 +97,28 @@ def test_nightly_update_matches_a_full_rebuild(ray_session, tiny_dinov2, tmp_pat
 
     with pytest.raises(ConfigError, match="full rebuild"):
         run_update(config(gallery, tmp_path / "index", "some/other-model"))
+
+
+def test_a_failed_update_leaves_the_live_version_serving_and_a_rerun_finishes(ray_session, tiny_dinov2, tmp_path, monkeypatch):
+    import pipelines.update as update
+
+    gallery = tmp_path / "gallery"
+    for key, data in list(views(4).items()):
+        (gallery / key).parent.mkdir(parents=True, exist_ok=True)
+        (gallery / key).write_bytes(data)
+    run_index(config(gallery, tmp_path / "index", tiny_dinov2))
+    (gallery / "new.jpg").write_bytes(views(5)[sorted(views(5))[-1]])
+
+    def denied(*args, **kwargs):
+        raise PermissionError("access denied writing the carried-over catalog")
+
+    monkeypatch.setattr(update, "carry_over", denied)
+    with pytest.raises(PermissionError, match="access denied"):
+        run_update(config(gallery, tmp_path / "index", None))
+    index = Location(str(tmp_path / "index"))
+    assert read_latest(index) == "v000001" and IndexSearcher(index.uri).ntotal == 8  # the live version still serves
+    assert not index.exists("LOCK.json")  # the lock was released on the way out
+    monkeypatch.undo()
+    summary = run_update(config(gallery, tmp_path / "index", None))
+    assert summary["resumed"] and summary["version"] == "v000002" and summary["images_processed_this_run"] == 0
+    assert IndexSearcher(index.uri).ntotal == 9  # the embedded image from the failed run was kept, not redone
