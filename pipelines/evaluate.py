@@ -12,7 +12,6 @@ import math
 from collections import defaultdict
 
 import numpy as np
-import pyarrow as pa
 
 from pipelines.metrics import average_precision, average_precision_at_k, precision_at_k, recall_at_k
 from storage.ground_truth import QueryTruth, read_ground_truth
@@ -25,10 +24,9 @@ def load_rankings(results_uri: str, storage_options: dict | None = None) -> dict
     """query_key -> {"knn": gallery keys by kNN rank, "reranked": by final rank}."""
     out = Location(results_uri, storage_options)
     folder = out if not out.exists("results") else out.child("results")
-    names = [n for n in folder.list_names() if n.endswith(".parquet")]
-    if not names:
+    table = folder.read_parquet_folder(columns=["query_key", "key", "rank", "knn_rank"])
+    if table is None:
         raise FileNotFoundError(f"no results parts under {redact(out.uri)}")
-    table = pa.concat_tables([folder.read_parquet(n, columns=["query_key", "key", "rank", "knn_rank"]) for n in names])
     by_query = defaultdict(list)
     for row in table.to_pylist():
         by_query[row["query_key"]].append(row)

@@ -67,12 +67,6 @@ def embed_parts(version: Location, todo: list[int], cfg: IndexJobConfig, prep: d
         return write_index_part(version, part, cols)
 
     writer = PartCollector(expected, write)
-    for p in [p for p, n in expected.items() if n == 0]:
-        writer.done[p] = {"part": p, "rows": 0, "indexed": 0, "failed": 0, "errors": {}, "dim": 0}
-        version.write_json(writer.done[p], "stats", part_file(p, "json"))
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        return writer.done, {}
     res = actor_resources(cfg.embed, "embed")
     plan_actor_pools([res], cfg.decode.num_cpus)
     ds = decode_and_embed(tables, cfg, model, prep, cfg.source.image_column, res)

@@ -44,7 +44,7 @@ def write_plan(dest: Location, table: pa.Table, failures: list[dict], skipped: C
     Listing failures go to failures/listing.parquet in the job's failure schema, so the whole
     failures/ folder reads as one table (a query job's failures also carry `query_id`).
     """
-    n_parts = -(-table.num_rows // part_size) if table.num_rows else (0 if extra else 1)
+    n_parts = -(-table.num_rows // part_size)  # no entries, no parts
     for p in range(n_parts):
         part = table.slice(p * part_size, part_size)
         dest.write_parquet(part.append_column("part", pa.array(np.full(part.num_rows, p, np.int32))), "plan", part_file(p))

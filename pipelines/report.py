@@ -11,7 +11,6 @@ import html
 import io
 from collections import defaultdict
 
-import pyarrow as pa
 from PIL import Image
 
 from actors.decode import DecodeFailure, open_image
@@ -67,11 +66,11 @@ def write_report(results_uri: str, ground_truth_uri: str | None = None, queries:
     run = out.read_json("run.json")
     index = Location(run["settings"]["index_uri"], storage_options)
     catalog = Catalog(index, run["index_version"], read_manifest(index, run["index_version"]))
-    results = pa.concat_tables([out.read_parquet("results", n) for n in out.list_names("results") if n.endswith(".parquet")])
+    results = out.read_parquet_folder("results")
     by_query = defaultdict(list)
     for row in results.to_pylist():
         by_query[row["query_key"]].append(row)
-    plan = pa.concat_tables([out.read_parquet("plan", n) for n in out.list_names("plan") if n.endswith(".parquet")])
+    plan = out.read_parquet_folder("plan")
     query_rows = {r["key"]: r for r in plan.to_pylist()}
     truth = read_ground_truth(ground_truth_uri, storage_options) if ground_truth_uri else {}
     sample = sorted(by_query)[:queries]

@@ -174,11 +174,6 @@ def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: L
         return writer(part, cols)
 
     collector = PartCollector(expected, write)
-    for p in [p for p, n in expected.items() if n == 0]:
-        collector.done[p] = writer(p, {k: np.zeros(0) for k in ("image_id", "ok", "pairs_scored")})
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        return collector.done, {}
     embed_res = actor_resources(cfg.embed, "embed")
     search_res = {"field": "search", "num_cpus": cfg.search.num_cpus, "concurrency": cfg.search.concurrency, "num_gpus": 0}
     rerank_res = actor_resources(cfg.reranker, "reranker")

@@ -112,16 +112,16 @@ def _update_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock, retrai
                 "stage_seconds": {k: round(v, 3) for k, v in stages.items()}, "wall_seconds": round(time.time() - t0, 3)}
 
     for key in ("codebook", "pca"):  # classic:sift-vlad: the live version's files, copied so the version stands alone
-        if model.get(key) and not version.exists(model[key]):
-            version.write_bytes(index.read_bytes("versions", live, model[key]), model[key])
         if model.get(key):
+            if not version.exists(model[key]):
+                version.write_bytes(index.read_bytes("versions", live, model[key]), model[key])
             model[f"{key}_uri"] = f"{version.uri}/{model[key]}"
-    done, processed, rates = embed_todo(version, plan, cfg, manifest["preprocessing"], model, lock, stages)
+    _, processed, rates = embed_todo(version, plan, cfg, manifest["preprocessing"], model, lock, stages)
     t = time.time()
     carry_over(index, live, manifest, version, plan["parts"], removed)
     stages["carry_over"] = time.time() - t
-    total = sum(s["indexed"] for s in done.values()) + sum(
-        version.read_json("stats", part_file(plan["parts"] + j, "json"))["indexed"] for j in range(len(manifest["catalog"]["parts"])))
+    done = finished_parts(version)  # own parts and carried-over ones
+    total = sum(s["indexed"] for s in done.values())
     trained_on = manifest.get("trained_on") or manifest["counts"]["indexed"]
     retrained = retrain or total > retrain_factor * trained_on
     factory = None if retrained else manifest["factory"]
@@ -130,10 +130,7 @@ def _update_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock, retrai
     summary = {"version": name, "resumed": resumed, "live_before": live, "published": True, "retrained": retrained,
                "update": changes, "trained_on": None if retrained else trained_on, "index_uri": redact(index.uri),
                "source_uri": redact(spec.location().uri), "images_processed_this_run": processed, **rates}
-    cfg = cfg.model_copy(deep=True)
-    cfg.model.name = model["name"]
-    return finish_version(index, name, cfg, plan, finished_parts(version), model, manifest["preprocessing"], stages, lock, t0,
-                          summary, factory)
+    return finish_version(index, name, cfg, plan, done, model, manifest["preprocessing"], stages, lock, t0, summary, factory)
 
 
 def format_update(s: dict) -> str:

@@ -160,6 +160,11 @@ class Location:
     def read_parquet(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
         return pq.read_table(io.BytesIO(self.read_bytes(*parts)), columns=columns)
 
+    def read_parquet_folder(self, *parts: str, columns: list[str] | None = None) -> pa.Table | None:
+        """All .parquet files directly in a folder as one table (in name order); None if there are none."""
+        names = [n for n in self.list_names(*parts) if n.endswith(".parquet")]
+        return pa.concat_tables([self.read_parquet(*parts, n, columns=columns) for n in names]) if names else None
+
     def list_names(self, *parts: str) -> list[str]:
         """Names directly under a child folder; empty if it does not exist."""
         folder = self.path(*parts)
