@@ -15,7 +15,8 @@ import io
 import numpy as np
 from PIL import Image
 
-from actors.embed import PixelEmbedder
+from mllm_index.actors.embed import PixelEmbedder
+from mllm_index.storage.contracts import FileRef, ModelSpec, Preprocessing, version_file
 
 SIFT_VLAD, SIFT_RANSAC = "classic:sift-vlad", "classic:sift-ransac"
 CODEBOOK = "classic/vlad_codebook.npy"
@@ -102,7 +103,7 @@ class VladEmbedImages(PixelEmbedder):
 
     def __init__(self, codebook_uri: str, storage_options: dict, fill, max_features: int = 500,
                  pca_uri: str | None = None, **_ignored):
-        from storage.uris import Location
+        from mllm_index.storage.uris import Location
 
         self.centroids = codebook_from_bytes(Location(codebook_uri, storage_options).read_bytes())
         self.pca = codebook_from_bytes(Location(pca_uri, storage_options).read_bytes()) if pca_uri else None
@@ -151,14 +152,35 @@ class SpatialVerifier:
         return counts / (counts + self.half) if len(counts) else np.zeros(0, np.float32)
 
 
+def classic_preprocessing(name: str, image_size: int | None = None) -> Preprocessing:
+    """Local features: a larger input than a ViT's, and no learned normalisation."""
+    return Preprocessing(image_size=int(image_size or 512), image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
+                         fill=(128, 128, 128))
+
+
+def fit_vlad_files(version, version_name: str, entries: list[dict], spec: ModelSpec, prep: Preprocessing,
+                   storage_options: dict, image_column: str, seed: int) -> dict[str, FileRef]:
+    """The version's codebook (and PCA), fit once: a re-run finds the codebook and fits nothing."""
+    s = spec.settings
+    if not version.exists(CODEBOOK):
+        settings = {"image_size": prep.image_size, "fill": prep.fill, "clusters": s.get("vlad_clusters", 16),
+                    "max_features": 500, "storage_options": storage_options, "image_column": image_column,
+                    "seed": seed, "pca_dim": s.get("pca_dim")}
+        fit_vlad_codebook(version, entries, settings)
+    files = {"codebook": FileRef(path=version_file(version_name, CODEBOOK))}
+    if s.get("pca_dim"):
+        files["pca"] = FileRef(path=version_file(version_name, PCA))
+    return files
+
+
 def fit_vlad_codebook(version, entries: list[dict], settings: dict) -> dict:
     """Fit the VLAD codebook on a sample of the gallery and store it in the version folder.
 
     `settings`: image_size, fill, clusters, max_features, storage_options, image_column, seed.
     Decoded exactly like the images that will be embedded (letterbox, content mask).
     """
-    from actors.decode import DecodeFailure, decode_image, letterbox
-    from storage.sources import fetch_bytes
+    from mllm_index.actors.decode import DecodeFailure, decode_image, letterbox
+    from mllm_index.storage.sources import fetch_bytes
 
     rng = np.random.default_rng(settings["seed"])
     descriptors, per_image, used = [], [], 0

@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from storage.sources import fetch_bytes
-from storage.uris import redact_text
+from mllm_index.storage.sources import fetch_bytes
+from mllm_index.storage.uris import redact_text
 
 PASS_THROUGH = ("image_id", "key", "uri", "kind", "offset", "length", "etag", "part", "bbox")
 

@@ -16,6 +16,8 @@ import torch
 import transformers
 from transformers import AutoConfig
 
+from mllm_index.storage.contracts import Preprocessing
+
 log = logging.getLogger(__name__)
 
 POOLINGS = ("auto", "cls", "mean", "gem")
@@ -36,7 +38,7 @@ def _size_of(value) -> int | None:
     return None
 
 
-def load_preprocessing(model: str, image_size: int | None = None) -> dict:
+def load_preprocessing(model: str, image_size: int | None = None) -> Preprocessing:
     """Input size and normalisation the backbone was trained with, from its saved processor.
 
     Reads `preprocessor_config.json` as plain JSON (no image-processor class, so no
@@ -44,9 +46,6 @@ def load_preprocessing(model: str, image_size: int | None = None) -> dict:
     """
     from transformers.utils import cached_file
 
-    if model.startswith("classic:"):  # local features: larger input, no learned normalisation
-        return {"resize": "long_side_letterbox", "image_size": int(image_size or 512), "image_mean": (0.5, 0.5, 0.5),
-                "image_std": (0.5, 0.5, 0.5), "fill": [128, 128, 128]}
     path = cached_file(model, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
     proc = json.load(open(path)) if path else {}
     config = AutoConfig.from_pretrained(model)
@@ -58,8 +57,7 @@ def load_preprocessing(model: str, image_size: int | None = None) -> dict:
     size = int(size or getattr(vision, "image_size", 224))
     mean = tuple(float(x) for x in proc.get("image_mean", IMAGENET_MEAN))
     std = tuple(float(x) for x in proc.get("image_std", IMAGENET_STD))
-    return {"resize": "long_side_letterbox", "image_size": size, "image_mean": mean, "image_std": std,
-            "fill": [int(round(m * 255)) for m in mean]}
+    return Preprocessing(image_size=size, image_mean=mean, image_std=std, fill=tuple(int(round(m * 255)) for m in mean))
 
 
 def load_vision_model(model: str) -> torch.nn.Module:

@@ -13,13 +13,13 @@ import json
 
 import numpy as np
 
-from actors.classic import SIFT_RANSAC, SpatialVerifier
-from actors.decode import DecodeFailure, open_image
-from actors.mllm import MLLMScorer, cap_pixels
-from storage.search import Catalog
-from storage.sources import fetch_bytes
-from storage.uris import Location, redact_text
-from storage.versions import read_manifest
+from mllm_index.actors.decode import DecodeFailure, open_image
+from mllm_index.actors.mllm import cap_pixels
+from mllm_index.actors.registry import reranker_kind
+from mllm_index.storage.search import Catalog
+from mllm_index.storage.sources import fetch_bytes
+from mllm_index.storage.uris import Location, redact_text
+from mllm_index.storage.versions import read_manifest
 
 
 def final_order(knn_scores: np.ndarray, rerank: np.ndarray, depth: int, weight: float) -> tuple[np.ndarray, np.ndarray]:
@@ -43,17 +43,11 @@ class RerankCandidates:
 
     def __init__(self, index_uri: str, version: str, storage_options: dict, reranker: dict, decode: dict, image_column: str):
         index = Location(index_uri, storage_options)
-        self.catalog = Catalog(index, version, read_manifest(index, version))
+        self.catalog = Catalog(index, read_manifest(index, version))
         self.storage_options, self.image_column, self.decode = storage_options, image_column, decode
         self.depth, self.weight, self.symmetric = reranker["depth"], reranker["fusion_weight"], reranker["symmetric"]
         self.draft, self.max_pixels = int(2 * reranker["max_pixels"] ** 0.5), reranker["max_pixels"]
-        self.scorer = None
-        if reranker.get("model") == SIFT_RANSAC:
-            self.scorer = SpatialVerifier()
-        elif reranker.get("model"):
-            self.scorer = MLLMScorer(reranker["model"], reranker["prompt"], reranker["yes_words"], reranker["no_words"],
-                                     reranker["max_pixels"], reranker["batch_size"], reranker["dtype"],
-                                     reranker["device"], reranker.get("num_threads"))
+        self.scorer = reranker_kind(reranker["model"]).make(reranker) if reranker.get("model") else None
 
     def _image(self, data, bbox=None):
         if isinstance(data, BaseException):

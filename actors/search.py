@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage.search import IndexSearcher
+from mllm_index.storage.search import IndexSearcher
 
 
 class SearchIndex:

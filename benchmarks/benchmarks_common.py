@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, ImageEnhance, ImageOps
 
-from pipelines.demo import bundled_photos
+from mllm_index.pipelines.demo import bundled_photos
 
 
 def make_gallery(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:

@@ -18,11 +18,11 @@ import time
 import faiss
 import numpy as np
 
-from storage.faiss_store import default_factory
-from storage.search import IndexSearcher
-from storage.shard_store import publish_vectors
-from storage.synthetic import clustered_vectors
-from storage.uris import Location
+from mllm_index.storage.faiss_store import default_factory
+from mllm_index.storage.search import IndexSearcher
+from mllm_index.storage.shard_store import publish_vectors
+from mllm_index.storage.synthetic import clustered_vectors
+from mllm_index.storage.uris import Location
 
 
 def recall(found: np.ndarray, truth: np.ndarray) -> float:
@@ -57,7 +57,7 @@ def main() -> None:
         publish_vectors(root, ids, x, factory, "ip", part_size=part_size, parts_per_shard=4)
         build_s = time.perf_counter() - t
         searcher = IndexSearcher(root.uri)
-        index_bytes = sum(s["bytes"] for s in searcher.manifest["shards"])
+        index_bytes = sum(s.file.bytes for s in searcher.manifest.shards)
         print(f"\n{args.n} vectors, dim {args.dim}, {factory}, {len(searcher.shards)} shards, built in {build_s:.1f}s")
         print(f"{'storage':38s} {'bytes/vector':>12s} {'vs flat f32':>11s}")
         print(f"{'flat float32 (baseline)':38s} {4 * args.dim:12d} {1.0:11.3f}")

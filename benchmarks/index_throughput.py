@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from actors.decode import decode_image, letterbox
-from actors.embed import EmbedImages, load_preprocessing
+from mllm_index.actors.decode import decode_image, letterbox
+from mllm_index.actors.embed import EmbedImages, load_preprocessing
 from benchmarks_common import make_gallery  # sibling module
-from pipelines.tiny_models import make_tiny_backbone
+from mllm_index.pipelines.tiny_models import make_tiny_backbone
 
 
 def naive_loop(paths: list[Path], model: str, prep: dict, factory: str) -> float:
@@ -37,9 +37,9 @@ def naive_loop(paths: list[Path], model: str, prep: dict, factory: str) -> float
 
     t = time.perf_counter()
     net = AutoModel.from_pretrained(model).eval()
-    s = prep["image_size"]
-    mean = torch.tensor(prep["image_mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(prep["image_std"]).view(1, 3, 1, 1)
+    s = prep.image_size
+    mean = torch.tensor(prep.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(prep.image_std).view(1, 3, 1, 1)
     vectors = []
     for start in range(0, len(paths), 32):
         batch = []
@@ -47,7 +47,7 @@ def naive_loop(paths: list[Path], model: str, prep: dict, factory: str) -> float
             img = Image.open(p).convert("RGB")
             scale = s / max(img.size)
             img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.BICUBIC)
-            canvas = Image.new("RGB", (s, s), tuple(prep["fill"]))
+            canvas = Image.new("RGB", (s, s), tuple(prep.fill))
             canvas.paste(img, ((s - img.width) // 2, (s - img.height) // 2))
             batch.append(np.asarray(canvas))
         x = (torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 255 - mean) / std
@@ -77,18 +77,18 @@ def _decode_plain(args) -> int:
 def decode_floor(paths: list[Path], prep: dict, workers: int, fn) -> float:
     t = time.perf_counter()
     with Pool(workers) as pool:
-        pool.map(fn, [(str(p), prep["image_size"], tuple(prep["fill"])) for p in paths], chunksize=8)
+        pool.map(fn, [(str(p), prep.image_size, tuple(prep.fill)) for p in paths], chunksize=8)
     return time.perf_counter() - t
 
 
 def index_job(gallery: Path, index: Path, model: str, part_size: int) -> dict:
-    from configs.schema import IndexJobConfig, load_config
-    from pipelines.index import run_index
+    from mllm_index.configs.schema import IndexJobConfig, load_config
+    from mllm_index.pipelines.index import run_index
 
     cfg = load_config(IndexJobConfig, None, {"source.uri": str(gallery), "index.uri": str(index), "model.name": model,
                                              "run.part_size": part_size})
     t = time.perf_counter()
-    summary = run_index(cfg)
+    summary = run_index(cfg).to_json()
     summary["measured_wall"] = time.perf_counter() - t
     return summary
 
@@ -106,7 +106,7 @@ def main() -> None:
 
     import ray
 
-    from storage.faiss_store import default_factory
+    from mllm_index.storage.faiss_store import default_factory
 
     work = Path(args.workdir)
     shutil.rmtree(work / "index", ignore_errors=True)
@@ -114,7 +114,7 @@ def main() -> None:
     model = make_tiny_backbone(work / f"tiny-dinov2-{args.image_size}-{args.hidden}x{args.layers}", image_size=args.image_size,
                                hidden=args.hidden, layers=args.layers)
     prep = load_preprocessing(model)
-    dim = EmbedImages(model, prep["image_size"], prep["image_mean"], prep["image_std"], device="cpu").dim
+    dim = EmbedImages(model, prep.image_size, prep.image_mean, prep.image_std, device="cpu").dim
     cores = os.cpu_count() or 1
     factory = default_factory(len(paths), dim)
 
@@ -142,7 +142,7 @@ def main() -> None:
         (f"index job, whole job, {n} images", n / job["measured_wall"]),
         (f"index job, marginal ({n_small} -> {n})", marginal),
     ]
-    print(f"\n{n} JPEGs, long side {args.size}px -> {prep['image_size']}px; tiny DINOv2 {args.hidden}x{args.layers} "
+    print(f"\n{n} JPEGs, long side {args.size}px -> {prep.image_size}px; tiny DINOv2 {args.hidden}x{args.layers} "
           f"(dim {dim}); {factory}; {cores} cores")
     print(f"{'method':42s} {'images/s':>9s} {'x naive':>8s} {'x floor':>8s}")
     for name, rate in rows:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from actors.mllm import MLLMScorer, cap_pixels
-from pipelines.demo import bundled_photos
-from pipelines.tiny_models import BUILDERS
+from mllm_index.actors.mllm import MLLMScorer, cap_pixels
+from mllm_index.pipelines.demo import bundled_photos
+from mllm_index.pipelines.tiny_models import BUILDERS
 
 
 def photo_pairs(n: int, max_pixels: int) -> list[tuple[Image.Image, Image.Image]]:

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 from benchmarks_common import make_gallery  # sibling module
-from configs.schema import IndexJobConfig, load_config
-from pipelines.index import run_index
-from pipelines.tiny_models import make_tiny_backbone
-from pipelines.update import run_update
+from mllm_index.configs.schema import IndexJobConfig, load_config
+from mllm_index.pipelines.index import run_index
+from mllm_index.pipelines.tiny_models import make_tiny_backbone
+from mllm_index.pipelines.update import run_update
 
 
 def config(gallery: Path, index: Path, model: str | None, part_size: int) -> IndexJobConfig:
@@ -59,13 +59,13 @@ def main() -> None:
     rebuild_s = time.perf_counter() - t
     ray.shutdown()
 
-    assert update["counts"]["indexed"] == rebuild["counts"]["indexed"]
+    assert update.build.counts.indexed == rebuild.counts.indexed
     print(f"\n{args.images} JPEGs (1024 px) + {added} added ({args.added:.0%}); tiny DINOv2 224 px; {os.cpu_count()} cores")
     print(f"{'run':34s} {'images embedded':>15s} {'seconds':>8s} {'vs rebuild':>10s}")
     print(f"{'first full build (v1)':34s} {args.images:15d} {first:8.1f} {first / rebuild_s:10.2f}")
-    print(f"{'update (v2): +{:d}'.format(added):34s} {update['images_processed_this_run']:15d} {update_s:8.1f} {update_s / rebuild_s:10.2f}")
-    print(f"{'full rebuild of the new gallery':34s} {rebuild['images_processed_this_run']:15d} {rebuild_s:8.1f} {1.0:10.2f}")
-    print(f"update stages: {update['stage_seconds']}")
+    print(f"{'update (v2): +{:d}'.format(added):34s} {update.build.images_processed_this_run:15d} {update_s:8.1f} {update_s / rebuild_s:10.2f}")
+    print(f"{'full rebuild of the new gallery':34s} {rebuild.images_processed_this_run:15d} {rebuild_s:8.1f} {1.0:10.2f}")
+    print(f"update stages: {update.stage_seconds}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from storage.uris import find_credential_options
+from mllm_index.storage.uris import find_credential_options
 
 
 class ConfigError(ValueError):
@@ -114,6 +114,13 @@ class IndexJobConfig(Section):
         self._require({"source.uri": self.source.uri, "index.uri": self.index.uri, "model.name": self.model.name},
                       "as positional arguments / --model")
         return self
+
+
+class UpdateOptions(Section):
+    """How `mllm-index update` treats the trained IVF/PQ index of the live version."""
+
+    retrain: bool = False  # retrain on the updated gallery
+    retrain_factor: float = Field(2.0, gt=0)  # retrain when the gallery grew this many times since the last training
 
 
 class QueriesConfig(Section):

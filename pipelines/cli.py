@@ -9,8 +9,8 @@ import os
 import sys
 import time
 
-from configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
-from storage.uris import Location, StorageError, find_credential_options, redact_text
+from mllm_index.configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, UpdateOptions, load_config
+from mllm_index.storage.uris import Location, StorageError, find_credential_options, redact_text
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
 
@@ -157,10 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_summary(summary: dict, as_json: bool) -> None:
-    from pipelines.index import format_summary
-
-    print(json.dumps(summary, indent=2, default=str) if as_json else format_summary(summary))
+def _print_summary(summary, as_json: bool, text) -> None:
+    print(json.dumps(summary.to_json(), indent=2) if as_json else text(summary))
 
 
 def format_versions(rows: list[dict]) -> str:
@@ -181,30 +179,31 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # CPU-feature probing, not news
     try:
         if args.command == "index":
-            from pipelines.index import run_index
+            from mllm_index.pipelines.index import run_index
+            from mllm_index.pipelines.summaries import format_index
 
             cfg = load_config(IndexJobConfig, args.config, {"source.uri": args.source, "index.uri": args.index,
                                                             "model.name": args.model}, args.overrides).require()
             init_ray(cfg.run.ray_address)
-            _print_summary(run_index(cfg), args.json)
+            _print_summary(run_index(cfg), args.json, format_index)
         elif args.command == "rerank":
-            from pipelines.rerank import format_summary, run_rerank
+            from mllm_index.pipelines.rerank import run_rerank
+            from mllm_index.pipelines.summaries import format_rerank
 
             cfg = load_config(RerankJobConfig, args.config, {"queries.uri": args.queries, "index_uri": args.index,
                                                              "output_uri": args.output, "reranker.model": args.model,
                                                              "search.top_k": args.top_k, "reranker.depth": args.depth},
                               args.overrides).require()
             init_ray(cfg.run.ray_address)
-            summary = run_rerank(cfg)
-            print(json.dumps(summary, indent=2, default=str) if args.json else format_summary(summary))
+            _print_summary(run_rerank(cfg), args.json, format_rerank)
         elif args.command == "evaluate":
-            from pipelines.evaluate import evaluate, format_report
+            from mllm_index.pipelines.evaluate import evaluate, format_report
 
             ks = tuple(int(k) for k in args.k.split(",") if k.strip())
             report = evaluate(args.results, args.ground_truth, ks, _storage_options(args.storage_options))
             print(json.dumps(report, indent=2) if args.json else format_report(report))
         elif args.command == "import-gt":
-            from storage.ground_truth import import_ilias, import_revisitop
+            from mllm_index.storage.ground_truth import import_ilias, import_revisitop
 
             options = _storage_options(args.storage_options)
             if args.format == "revisitop":
@@ -213,32 +212,33 @@ def main(argv: list[str] | None = None) -> int:
                 written = import_ilias(args.source, args.output, args.key_format or "{}", options)
             print("\n".join(written))
         elif args.command == "report":
-            from pipelines.report import write_report
+            from mllm_index.pipelines.report import write_report
 
             print(write_report(args.results, args.ground_truth, args.queries, args.top, _storage_options(args.storage_options)))
         elif args.command == "update":
-            from pipelines.update import format_update, run_update
+            from mllm_index.pipelines.summaries import format_update
+            from mllm_index.pipelines.update import run_update
 
             cfg = load_config(IndexJobConfig, args.config, {"source.uri": args.source, "index.uri": args.index}, args.overrides)
+            options = load_config(UpdateOptions, None, {"retrain": args.retrain, "retrain_factor": args.retrain_factor})
             init_ray(cfg.run.ray_address)
-            summary = run_update(cfg, args.retrain, args.retrain_factor)
-            print(json.dumps(summary, indent=2, default=str) if args.json else format_update(summary))
+            _print_summary(run_update(cfg, options), args.json, format_update)
         elif args.command == "versions":
-            from storage.versions import version_table
+            from mllm_index.storage.versions import version_table
 
             rows = version_table(Location(args.index, _storage_options(args.storage_options)))
             print(json.dumps(rows, indent=2) if args.json else format_versions(rows))
         elif args.command == "rollback":
-            from storage.lock import IndexLock
-            from storage.versions import rollback
+            from mllm_index.storage.lock import IndexLock
+            from mllm_index.storage.versions import rollback
 
             index = Location(args.index, _storage_options(args.storage_options))
             with IndexLock(index, "mllm-index rollback", ttl_seconds=300):
                 rollback(index, args.version)
             print(f"LATEST -> {args.version}")
         elif args.command == "gc":
-            from storage.lock import IndexLock, leased_versions
-            from storage.versions import collect_garbage
+            from mllm_index.storage.lock import IndexLock, leased_versions
+            from mllm_index.storage.versions import collect_garbage
 
             index = Location(args.index, _storage_options(args.storage_options))
             with IndexLock(index, "mllm-index gc", ttl_seconds=600):
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(result) if args.json else f"deleted: {', '.join(result['deleted']) or 'nothing'}; "
                                                         f"kept: {', '.join(result['kept'])}")
         elif args.command == "demo":
-            from pipelines.demo import run_demo
+            from mllm_index.pipelines.demo import run_demo
 
             summary = run_demo(args.workdir, args.model, args.reranker_model, args.top_k)
             if args.json:

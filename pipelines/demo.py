@@ -19,14 +19,16 @@ def bundled_photos() -> list[Path]:
 
 
 def run_demo(workdir: str, model: str | None = None, reranker_model: str | None = None, top_k: int = 20) -> dict:
-    from actors.classic import SIFT_RANSAC, SIFT_VLAD
-    from configs.schema import IndexJobConfig, RerankJobConfig, load_config
-    from pipelines.cli import init_ray
-    from pipelines.demo_set import write_demo_set
-    from pipelines.evaluate import evaluate, format_report
-    from pipelines.index import format_summary as index_summary, run_index
-    from pipelines.rerank import format_summary as rerank_summary, run_rerank
-    from pipelines.report import write_report
+    from mllm_index.actors.classic import SIFT_RANSAC, SIFT_VLAD
+    from mllm_index.actors.registry import reranker_kind
+    from mllm_index.configs.schema import IndexJobConfig, RerankJobConfig, load_config
+    from mllm_index.pipelines.cli import init_ray
+    from mllm_index.pipelines.demo_set import write_demo_set
+    from mllm_index.pipelines.evaluate import evaluate, format_report
+    from mllm_index.pipelines.index import run_index
+    from mllm_index.pipelines.rerank import run_rerank
+    from mllm_index.pipelines.summaries import format_index, format_rerank
+    from mllm_index.pipelines.report import write_report
 
     t0 = time.time()
     work = Path(workdir).resolve()
@@ -38,18 +40,19 @@ def run_demo(workdir: str, model: str | None = None, reranker_model: str | None 
     index_cfg = load_config(IndexJobConfig, None, {"source.uri": str(data / "gallery"), "index.uri": str(work / "index"),
                                                    "model.name": model or SIFT_VLAD, "run.part_size": 32})
     indexed = run_index(index_cfg)
-    print(index_summary(indexed))
+    print(format_index(indexed))
     reranker = reranker_model or SIFT_RANSAC
-    output = work / "runs" / f"{indexed['version']}-{reranker.replace('/', '_').replace(':', '-')}"
+    output = work / "runs" / f"{indexed.version}-{reranker.replace('/', '_').replace(':', '-')}"
     rerank_cfg = load_config(RerankJobConfig, None, {
-        "queries.uri": str(data / "queries"), "index_uri": str(work / "index"), "index_version": indexed["version"],
+        "queries.uri": str(data / "queries"), "index_uri": str(work / "index"), "index_version": indexed.version,
         "output_uri": str(output), "reranker.model": reranker, "search.top_k": top_k, "reranker.depth": top_k,
-        "reranker.max_pixels": 640 * 480 if reranker == SIFT_RANSAC else 448 * 448, "run.part_size": 8})
+        "reranker.max_pixels": reranker_kind(reranker).default_max_pixels, "run.part_size": 8})
     reranked = run_rerank(rerank_cfg)
-    print(rerank_summary(reranked))
+    print(format_rerank(reranked))
     report = evaluate(str(output), str(data / "gt.parquet"), ks=(1, 5, 10))
     html = write_report(str(output), str(data / "gt.parquet"))
     wall = time.time() - t0
     print("\n" + format_report(report, ("AP", "mAP@10", "R@1", "R@5", "P@5")))
     print(f"\nreport: {html}\nwall time: {wall:.0f}s")
-    return {"index": indexed, "rerank": reranked, "evaluation": report, "report": html, "wall_seconds": round(wall, 1)}
+    return {"index": indexed.to_json(), "rerank": reranked.to_json(), "evaluation": report, "report": html,
+            "wall_seconds": round(wall, 1)}

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
-from storage.ground_truth import write_ground_truth
+from mllm_index.storage.ground_truth import write_ground_truth
 
 CONDITIONS = ("viewpoint_scale", "occluded", "small_in_clutter", "photometric")
 

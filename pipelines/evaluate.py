@@ -13,9 +13,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from pipelines.metrics import average_precision, average_precision_at_k, precision_at_k, recall_at_k
-from storage.ground_truth import QueryTruth, read_ground_truth
-from storage.uris import Location, redact
+from mllm_index.pipelines.metrics import average_precision, average_precision_at_k, precision_at_k, recall_at_k
+from mllm_index.storage.ground_truth import QueryTruth, read_ground_truth
+from mllm_index.storage.uris import Location, redact
 
 RANKINGS = {"knn": "knn_rank", "reranked": "rank"}
 

@@ -11,16 +11,20 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter, defaultdict
-from typing import Callable
+from typing import Callable, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import ray
 
-from storage.catalog import FAILURE_SCHEMA
-from storage.shard_store import part_file
-from storage.sources import SourceSpec, assign_ids, list_source, scan_container
-from storage.uris import Location, redact_text
+from mllm_index.storage.catalog import FAILURE_SCHEMA
+from mllm_index.storage.contracts import Contract, Plan, UpdateCounts, read_contract, write_contract
+from mllm_index.storage.shard_store import part_file
+from mllm_index.storage.sources import SourceSpec, assign_ids, list_source, scan_container
+from mllm_index.storage.uris import Location, redact_text
+
+PLAN = "plan.json"
+S = TypeVar("S", bound=Contract)
 
 
 def list_entries(spec: SourceSpec) -> tuple[pa.Table, list[dict], Counter]:
@@ -38,7 +42,8 @@ def list_entries(spec: SourceSpec) -> tuple[pa.Table, list[dict], Counter]:
 
 
 def write_plan(dest: Location, table: pa.Table, failures: list[dict], skipped: Counter, part_size: int,
-               failure_schema: pa.Schema = FAILURE_SCHEMA, seen: int | None = None, extra: dict | None = None) -> dict:
+               failure_schema: pa.Schema = FAILURE_SCHEMA, seen: int | None = None,
+               update: UpdateCounts | None = None) -> Plan:
     """Cut entries into parts and save them; plan/plan.json is written last (the plan's done marker).
 
     Listing failures go to failures/listing.parquet in the job's failure schema, so the whole
@@ -50,23 +55,26 @@ def write_plan(dest: Location, table: pa.Table, failures: list[dict], skipped: C
         dest.write_parquet(part.append_column("part", pa.array(np.full(part.num_rows, p, np.int32))), "plan", part_file(p))
     rows = [dict(f, query_id=f["image_id"]) for f in failures] if "query_id" in failure_schema.names else failures
     dest.write_parquet(pa.Table.from_pylist(rows, schema=failure_schema), "failures", "listing.parquet")
-    plan = {"parts": n_parts, "entries": table.num_rows, "skipped": dict(skipped), "list_failures": len(failures),
-            "list_errors": dict(Counter(f["error_type"] for f in failures)),
-            "seen": seen if seen is not None else table.num_rows + len(failures) + sum(skipped.values()), **(extra or {})}
-    dest.write_json(plan, "plan", "plan.json")
+    plan = Plan(parts=n_parts, entries=table.num_rows, skipped=dict(skipped), list_failures=len(failures),
+                list_errors=dict(Counter(f["error_type"] for f in failures)), update=update,
+                seen=seen if seen is not None else table.num_rows + len(failures) + sum(skipped.values()))
+    write_contract(dest, plan, "plan", PLAN)
     return plan
 
 
-def make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA) -> dict:
+def make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA) -> Plan:
     """List the source, cut it into parts, save it."""
     table, failures, skipped = list_entries(spec)
     return write_plan(dest, table, failures, skipped, part_size, failure_schema)
 
 
-def load_or_make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA) -> dict:
-    if dest.exists("plan", "plan.json"):
-        return dest.read_json("plan", "plan.json")
-    return make_plan(dest, spec, part_size, failure_schema)
+def read_plan(dest: Location) -> Plan | None:
+    """The saved plan of a run, None before it was written."""
+    return read_contract(dest, Plan, "plan", PLAN) if dest.exists("plan", PLAN) else None
+
+
+def load_or_make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA) -> Plan:
+    return read_plan(dest) or make_plan(dest, spec, part_size, failure_schema)
 
 
 def _scan_or_fail(uri: str, kind: str, etag: str, spec: SourceSpec):
@@ -80,19 +88,23 @@ def _scan_or_fail(uri: str, kind: str, etag: str, spec: SourceSpec):
         return [], Counter(), [row]
 
 
-def finished_parts(dest: Location) -> dict[int, dict]:
+def finished_parts(dest: Location, stats: type[S]) -> dict[int, S]:
     """Stats of every part whose completion marker exists."""
-    return {int(n[5:10]): dest.read_json("stats", n) for n in dest.list_names("stats") if n.endswith(".json")}
+    return {int(n[5:10]): read_contract(dest, stats, "stats", n) for n in dest.list_names("stats") if n.endswith(".json")}
+
+
+def plan_table(dest: Location, part: int) -> pa.Table:
+    return dest.read_parquet("plan", part_file(part))
 
 
 class PartCollector:
     """Groups streamed rows by their `part` column; calls `write(part, columns)` when a part is complete."""
 
-    def __init__(self, expected: dict[int, int], write: Callable[[int, dict[str, np.ndarray]], dict]):
+    def __init__(self, expected: dict[int, int], write: Callable[[int, dict[str, np.ndarray]], Contract]):
         self.expected, self.write = expected, write
         self.rows: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
         self.counts: Counter = Counter()
-        self.done: dict[int, dict] = {}
+        self.done: dict[int, Contract] = {}
         self.started = time.time()
         self.first_part_at: float | None = None
 

@@ -13,12 +13,12 @@ from collections import defaultdict
 
 from PIL import Image
 
-from actors.decode import DecodeFailure, open_image
-from storage.ground_truth import read_ground_truth
-from storage.search import Catalog
-from storage.sources import fetch_bytes
-from storage.uris import Location, redact
-from storage.versions import read_manifest
+from mllm_index.actors.decode import DecodeFailure, open_image
+from mllm_index.storage.ground_truth import read_ground_truth
+from mllm_index.storage.search import Catalog
+from mllm_index.storage.sources import fetch_bytes
+from mllm_index.storage.uris import Location, redact
+from mllm_index.storage.versions import read_manifest
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin-bottom:24px}
@@ -65,7 +65,7 @@ def write_report(results_uri: str, ground_truth_uri: str | None = None, queries:
     out = Location(results_uri, storage_options)
     run = out.read_json("run.json")
     index = Location(run["settings"]["index_uri"], storage_options)
-    catalog = Catalog(index, run["index_version"], read_manifest(index, run["index_version"]))
+    catalog = Catalog(index, read_manifest(index, run["index_version"]))
     results = out.read_parquet_folder("results")
     by_query = defaultdict(list)
     for row in results.to_pylist():

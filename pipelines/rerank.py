@@ -20,18 +20,20 @@ import numpy as np
 import pyarrow as pa
 import ray
 
-from actors.rerank import RerankCandidates
-from actors.search import SearchIndex
-from configs.schema import ConfigError, RerankJobConfig
-from pipelines.parts import PartCollector, finished_parts, load_or_make_plan
-from pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
-from storage.catalog import FAILURE_SCHEMA
-from storage.lock import ReadLease
-from storage.search import Catalog
-from storage.shard_store import part_file
-from storage.sources import SourceSpec, list_source, read_bboxes
-from storage.uris import Location, check_under_roots, redact
-from storage.versions import fingerprint, read_latest, read_manifest
+from mllm_index.actors.rerank import RerankCandidates
+from mllm_index.actors.search import SearchIndex
+from mllm_index.configs.schema import ConfigError, RerankJobConfig
+from mllm_index.pipelines.parts import PartCollector, finished_parts, load_or_make_plan
+from mllm_index.pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
+from mllm_index.pipelines.summaries import QueryCounts, RerankSummary
+from mllm_index.storage.catalog import FAILURE_SCHEMA
+from mllm_index.storage.contracts import Manifest, QueryPartStats, write_contract
+from mllm_index.storage.lock import ReadLease
+from mllm_index.storage.search import Catalog
+from mllm_index.storage.shard_store import part_file
+from mllm_index.storage.sources import SourceSpec, list_source, read_bboxes
+from mllm_index.storage.uris import Location, check_under_roots, redact
+from mllm_index.storage.versions import fingerprint, read_latest, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,7 @@ class ResultWriter:
     def __init__(self, out: Location, catalog: Catalog, run_id: str, reranker: str):
         self.out, self.catalog, self.run_id, self.reranker = out, catalog, run_id, reranker
 
-    def __call__(self, part: int, cols: dict[str, np.ndarray]) -> dict:
+    def __call__(self, part: int, cols: dict[str, np.ndarray]) -> QueryPartStats:
         results, failures = [], []
         for q in range(len(cols["image_id"])):
             query = {"query_id": int(cols["image_id"][q]), "uri": cols["uri"][q], "key": cols["key"][q]}
@@ -95,16 +97,16 @@ class ResultWriter:
                                 "final_score": float(cols["final_score"][q][found][pos]), "reranker": self.reranker})
         self.out.write_parquet(pa.Table.from_pylist(results, schema=RESULT_SCHEMA), "results", part_file(part))
         self.out.write_parquet(pa.Table.from_pylist(failures, schema=QUERY_FAILURE_SCHEMA), "failures", part_file(part))
-        stats = {"part": part, "rows": int(len(cols["image_id"])), "queries_ok": int(cols["ok"].sum()),
-                 "queries_failed": int((~cols["ok"].astype(bool)).sum()), "results": len(results),
-                 "pairs_scored": int(cols["pairs_scored"].sum()),
-                 "candidate_failures": sum(1 for f in failures if f["stage"] == "candidate"),
-                 "errors": dict(Counter(f["error_type"] for f in failures))}
-        self.out.write_json(stats, "stats", part_file(part, "json"))  # the part's done marker
+        stats = QueryPartStats(part=part, rows=int(len(cols["image_id"])), queries_ok=int(cols["ok"].sum()),
+                               queries_failed=int((~cols["ok"].astype(bool)).sum()), results=len(results),
+                               pairs_scored=int(cols["pairs_scored"].sum()),
+                               candidate_failures=sum(1 for f in failures if f["stage"] == "candidate"),
+                               errors=dict(Counter(f["error_type"] for f in failures)))
+        write_contract(self.out, stats, "stats", part_file(part, "json"))  # the part's done marker
         return stats
 
 
-def run_rerank(cfg: RerankJobConfig) -> dict:
+def run_rerank(cfg: RerankJobConfig) -> RerankSummary:
     cfg.require()
     roots = cfg.storage.allowed_roots
     for field, uri in (("queries.uri", cfg.queries.uri), ("index_uri", cfg.index_uri), ("output_uri", cfg.output_uri),
@@ -117,9 +119,11 @@ def run_rerank(cfg: RerankJobConfig) -> dict:
     previous = out.read_json("run.json") if out.exists("run.json") else None
     version = cfg.index_version or (previous or {}).get("index_version") or read_latest(index)
     manifest = read_manifest(index, version)
-    model = manifest["model"]
-    if cfg.query_model and cfg.query_model != model["name"]:
-        raise ConfigError(f"query_model: the index {redact(index.uri)} ({version}) was built with {model['name']!r}, "
+    if manifest.model is None or manifest.preprocessing is None:
+        raise ConfigError(f"index_uri: {redact(index.uri)} ({version}) was published from precomputed vectors, without a "
+                          "model to embed queries with; search it from Python with IndexSearcher instead")
+    if cfg.query_model and cfg.query_model != manifest.model.name:
+        raise ConfigError(f"query_model: the index {redact(index.uri)} ({version}) was built with {manifest.model.name!r}, "
                           f"not {cfg.query_model!r}; queries must be embedded by the same backbone")
     settings = {"queries": cfg.queries.model_dump(), "index_uri": redact(index.uri), "index_version": version,
                 "top_k": cfg.search.top_k, "reranker": cfg.reranker.model_dump(include={"model", "prompt", "yes_words",
@@ -134,42 +138,44 @@ def run_rerank(cfg: RerankJobConfig) -> dict:
         return _rerank_leased(cfg, index, out, version, manifest, run_id, roots, lease, t0)
 
 
-def _rerank_leased(cfg: RerankJobConfig, index: Location, out: Location, version: str, manifest: dict, run_id: str,
-                   roots: list[str], lease: ReadLease, t0: float) -> dict:
+def _rerank_leased(cfg: RerankJobConfig, index: Location, out: Location, version: str, manifest: Manifest, run_id: str,
+                   roots: list[str], lease: ReadLease, t0: float) -> RerankSummary:
     spec = query_spec(cfg)
     t = time.time()
     plan = load_or_make_plan(out, spec, cfg.run.part_size, QUERY_FAILURE_SCHEMA)
     boxes = query_bboxes(cfg, spec)
     stages = {"list": time.time() - t}
-    done = finished_parts(out)
-    todo = [p for p in range(plan["parts"]) if p not in done]
+    done = finished_parts(out, QueryPartStats)
+    todo = [p for p in range(plan.parts) if p not in done]
     t = time.time()
     new, timing = _rerank_parts(out, todo, cfg, index, version, manifest, run_id, boxes, roots, lease) if todo else ({}, {})
     done.update(new)
     stages["embed_search_rerank"] = time.time() - t
-    pairs = sum(done[p]["pairs_scored"] for p in todo) if todo else 0
-    errors = Counter(plan["list_errors"])
+    pairs = sum(done[p].pairs_scored for p in todo) if todo else 0
+    errors = Counter(plan.list_errors)
     for s in done.values():
-        errors.update(s["errors"])
-    summary = {"run_id": run_id, "index_version": version, "reranker": cfg.reranker.model or "knn",
-               "queries": {"seen": plan["seen"], "ok": sum(s["queries_ok"] for s in done.values()),
-                           "failed": plan["list_failures"] + sum(s["queries_failed"] for s in done.values()),
-                           "skipped": sum(plan["skipped"].values())},
-               "results": sum(s["results"] for s in done.values()), "pairs_scored_this_run": pairs,
-               "pairs_per_second": round(pairs / stages["embed_search_rerank"], 2) if pairs else None,
-               "candidate_failures": sum(s["candidate_failures"] for s in done.values()), "errors": dict(errors),
-               "parts": plan["parts"], "parts_this_run": len(todo), "stage_seconds": {k: round(v, 3) for k, v in stages.items()},
-               "wall_seconds": round(time.time() - t0, 3), "output_uri": redact(out.uri), **timing}
-    out.write_json(summary, "summary.json")
+        errors.update(s.errors)
+    summary = RerankSummary(
+        run_id=run_id, index_version=version, reranker=cfg.reranker.model or "knn",
+        queries=QueryCounts(seen=plan.seen, ok=sum(s.queries_ok for s in done.values()),
+                            failed=plan.list_failures + sum(s.queries_failed for s in done.values()),
+                            skipped=sum(plan.skipped.values())),
+        results=sum(s.results for s in done.values()), pairs_scored_this_run=pairs,
+        pairs_per_second=round(pairs / stages["embed_search_rerank"], 2) if pairs else None,
+        candidate_failures=sum(s.candidate_failures for s in done.values()), errors=dict(errors),
+        parts=plan.parts, parts_this_run=len(todo), stage_seconds={k: round(v, 3) for k, v in stages.items()},
+        wall_seconds=round(time.time() - t0, 3), output_uri=redact(out.uri), startup_seconds=timing.get("startup_seconds"))
+    write_contract(out, summary, "summary.json")
     return summary
 
 
-def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: Location, version: str, manifest: dict,
+def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: Location, version: str, manifest: Manifest,
                   run_id: str, boxes: dict, roots: list[str], lease: ReadLease) -> tuple[dict, dict]:
     tables = [with_bboxes(out.read_parquet("plan", part_file(p)), boxes, roots) for p in todo]
     expected = {p: t.num_rows for p, t in zip(todo, tables)}
-    writer = ResultWriter(out, Catalog(index, version, manifest), run_id, cfg.reranker.model or "knn")
-    def write(part: int, cols: dict) -> dict:
+    writer = ResultWriter(out, Catalog(index, manifest), run_id, cfg.reranker.model or "knn")
+
+    def write(part: int, cols: dict) -> QueryPartStats:
         lease.renew()
         return writer(part, cols)
 
@@ -178,17 +184,13 @@ def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: L
     search_res = {"field": "search", "num_cpus": cfg.search.num_cpus, "concurrency": cfg.search.concurrency, "num_gpus": 0}
     rerank_res = actor_resources(cfg.reranker, "reranker")
     plan_actor_pools([embed_res, search_res, rerank_res], cfg.decode.num_cpus)
-    model = dict(manifest["model"])
-    for name in ("codebook", "pca"):  # classic:sift-vlad: files stored with the index version
-        if model.get(name):
-            model[f"{name}_uri"] = f"{index.uri}/versions/{version}/{model[name]}"
-    ds = decode_and_embed(tables, cfg, model, manifest["preprocessing"], cfg.queries.image_column, embed_res)
+    ds = decode_and_embed(tables, cfg, manifest.model, manifest.preprocessing, cfg.queries.image_column, embed_res, index.uri)
     ds = ds.map_batches(
         SearchIndex, batch_size=cfg.search.batch_size, batch_format="numpy", num_cpus=cfg.search.num_cpus,
         compute=ray.data.ActorPoolStrategy(size=cfg.search.concurrency),
         fn_constructor_kwargs=dict(index_uri=index.uri, version=version, storage_options=cfg.storage.options,
-                                   top_k=cfg.search.top_k, nprobe=cfg.search.nprobe or manifest.get("nprobe", 32),
-                                   rescore=cfg.search.rescore if cfg.search.rescore is not None else manifest.get("rescore", 0)),
+                                   top_k=cfg.search.top_k, nprobe=cfg.search.nprobe or manifest.nprobe,
+                                   rescore=cfg.search.rescore if cfg.search.rescore is not None else manifest.rescore),
     ).map_batches(
         RerankCandidates, batch_size=cfg.reranker.queries_per_batch, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=rerank_res["concurrency"]), num_gpus=rerank_res["num_gpus"],
@@ -203,17 +205,3 @@ def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: L
         collector.add(batch)
     return collector.done, collector.timing()
 
-
-def format_summary(s: dict) -> str:
-    q = s["queries"]
-    lines = [
-        f"rerank run {s['run_id']} ({s['reranker']}) over index version {s['index_version']} -> {s['output_uri']}",
-        f"  queries: seen {q['seen']} = ok {q['ok']} + failed {q['failed']} + skipped {q['skipped']}; "
-        f"{s['results']} result rows; parts {s['parts_this_run']}/{s['parts']} run now",
-        f"  pairs scored: {s['pairs_scored_this_run']} ({s['pairs_per_second'] or '-'} pairs/s); "
-        f"candidate failures: {s['candidate_failures']}",
-        "  stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in s["stage_seconds"].items()) + f"; wall {s['wall_seconds']:.1f}s",
-    ]
-    if s["errors"]:
-        lines.append("  failures by type: " + ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items())))
-    return "\n".join(lines)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import ray
 
-from actors.classic import SIFT_VLAD, VladEmbedImages
-from actors.decode import decode_batch
-from actors.embed import EmbedImages
-from configs.schema import ConfigError
+from mllm_index.actors.decode import decode_batch
+from mllm_index.actors.registry import EmbedContext, embedder_kind
+from mllm_index.configs.schema import ConfigError
+from mllm_index.storage.contracts import ModelSpec, Preprocessing
 
 
 def actor_resources(section, field: str) -> dict:
@@ -37,27 +37,26 @@ def plan_actor_pools(pools: list[dict], decode_cpus: float) -> None:
                           "decode and write tasks; lower num_cpus (fractions are allowed) or concurrency")
 
 
-def decode_and_embed(tables: list, cfg, model: dict, prep: dict, image_column: str, embed_res: dict) -> "ray.data.Dataset":
-    """Catalog-like rows -> decoded, letterboxed pixels (tasks) -> L2-normalised embeddings (actors)."""
-    if model["name"] == SIFT_VLAD:  # needs model["codebook_uri"], fit by the index job
-        embedder = VladEmbedImages
-        kwargs = dict(codebook_uri=model["codebook_uri"], pca_uri=model.get("pca_uri"), storage_options=cfg.storage.options,
-                      fill=prep["fill"])
-    else:
-        embedder = EmbedImages
-        kwargs = dict(model=model["name"], image_size=prep["image_size"], image_mean=prep["image_mean"],
-                      image_std=prep["image_std"], pooling=model["pooling"], gem_p=model["gem_p"], dtype=model["dtype"],
-                      device=embed_res["device"], num_threads=embed_res["num_threads"])
+def decode_and_embed(tables: list, cfg, spec: ModelSpec, prep: Preprocessing, image_column: str, embed_res: dict,
+                     index_uri: str) -> "ray.data.Dataset":
+    """Catalog-like rows -> decoded, letterboxed pixels (tasks) -> L2-normalised embeddings (actors).
+
+    The embedder class and its arguments come from the model's registered kind; `index_uri`
+    is where the kind's per-version files (if any) are read from.
+    """
+    kind = embedder_kind(spec.name)
+    context = EmbedContext(index_uri, cfg.storage.options, embed_res["device"], embed_res["num_threads"])
     # SPREAD puts decode on every CPU node. The two explicit, different strategies also keep
     # Ray Data from fusing decode into the embed actors (it fuses ops whose remote args
     # match), which would run all decoding serially inside the actors.
     return ray.data.from_arrow(tables).map_batches(
         decode_batch, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
         scheduling_strategy="SPREAD",
-        fn_kwargs=dict(image_size=prep["image_size"], fill=tuple(prep["fill"]), max_pixels=cfg.decode.max_pixels,
+        fn_kwargs=dict(image_size=prep.image_size, fill=tuple(prep.fill), max_pixels=cfg.decode.max_pixels,
                        max_bytes=cfg.decode.max_bytes, storage_options=cfg.storage.options, image_column=image_column),
     ).map_batches(
-        embedder, batch_size=cfg.embed.batch_size, batch_format="numpy",
+        kind.actor, batch_size=cfg.embed.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=embed_res["concurrency"]), scheduling_strategy="DEFAULT",
-        num_gpus=embed_res["num_gpus"], num_cpus=embed_res["num_cpus"], fn_constructor_kwargs=kwargs,
+        num_gpus=embed_res["num_gpus"], num_cpus=embed_res["num_cpus"],
+        fn_constructor_kwargs=kind.actor_kwargs(spec, prep, context),
     )

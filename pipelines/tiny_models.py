@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from actors.mllm import DEFAULT_PROMPT, video_kwargs, without_video_processor
+from mllm_index.actors.mllm import DEFAULT_PROMPT, video_kwargs, without_video_processor
 
 
 def make_tiny_backbone(path: str | Path, image_size: int = 112, hidden: int = 64, layers: int = 2) -> str:

@@ -16,23 +16,27 @@ A run that finds nothing to change publishes nothing.
 
 from __future__ import annotations
 
+import posixpath
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from configs.schema import ConfigError, IndexJobConfig
-from pipelines.index import JobError, embed_todo, finish_version, source_spec
-from pipelines.parts import finished_parts, list_entries, write_plan
-from storage.catalog import FAILURE_SCHEMA
-from storage.lock import IndexLock
-from storage.shard_store import TRAINED, part_file
-from storage.uris import Location, check_under_roots, redact
-from storage.versions import begin_version, fingerprint, read_latest, read_manifest
+from mllm_index.configs.schema import ConfigError, IndexJobConfig, UpdateOptions
+from mllm_index.pipelines.build import JobError, VersionBuild, VersionContent, embed_todo, publish_version
+from mllm_index.pipelines.index import check_roots, source_spec
+from mllm_index.pipelines.parts import finished_parts, list_entries, read_plan, write_plan
+from mllm_index.pipelines.summaries import UpdateSummary
+from mllm_index.storage.catalog import FAILURE_SCHEMA
+from mllm_index.storage.contracts import FileRef, Manifest, PartStats, SourceInfo, UpdateCounts, version_file, write_contract
+from mllm_index.storage.lock import IndexLock
+from mllm_index.storage.shard_store import TRAINED, part_file
+from mllm_index.storage.uris import Location, redact
+from mllm_index.storage.versions import begin_version, fingerprint, read_latest, read_manifest
 
 
-def diff(entries: pa.Table, live: pa.Table) -> tuple[pa.Table, np.ndarray, dict]:
+def diff(entries: pa.Table, live: pa.Table) -> tuple[pa.Table, np.ndarray, UpdateCounts]:
     """(entries to embed: added + changed, ids to drop: deleted + changed, counts)."""
     before = {k: (e, n, i) for k, e, n, i in zip(live.column("key").to_pylist(), live.column("etag").to_pylist(),
                                                  live.column("length").to_pylist(), live.column("image_id").to_pylist())}
@@ -43,101 +47,100 @@ def diff(entries: pa.Table, live: pa.Table) -> tuple[pa.Table, np.ndarray, dict]
     deleted = [i for k, (_, _, i) in before.items() if k not in present]
     removed = np.array(deleted + [before[k][2] for k, c in zip(keys, changed) if c], np.int64)
     todo = entries.filter(pa.array([a or c for a, c in zip(added, changed)]))
-    counts = {"added": sum(added), "changed": sum(changed), "deleted": len(deleted),
-              "unchanged": len(keys) - sum(added) - sum(changed)}
+    counts = UpdateCounts(added=sum(added), changed=sum(changed), deleted=len(deleted),
+                          unchanged=len(keys) - sum(added) - sum(changed))
     return todo, removed, counts
 
 
-def carry_over(index: Location, live: str, manifest: dict, version: Location, first_part: int, removed: np.ndarray) -> None:
+def carry_over(index: Location, manifest: Manifest, version: Location, first_part: int, removed: np.ndarray) -> None:
     """Copy the live parts into the new version as parts first_part.., without the removed ids."""
     drop = pa.array(removed, pa.int64())
-    for j, name in enumerate(manifest["catalog"]["parts"]):
+    for j, (catalog, embeddings) in enumerate(zip(manifest.catalog, manifest.embeddings)):
         part = first_part + j
         if version.exists("stats", part_file(part, "json")):
             continue  # done before an interruption
         kept = {}
-        for kind in ("catalog", "embeddings"):
-            table = index.read_parquet("versions", live, kind, name)
+        for kind, ref in (("catalog", catalog), ("embeddings", embeddings)):
+            table = index.read_parquet(ref.path)
             kept[kind] = table.filter(pc.invert(pc.is_in(table.column("image_id"), value_set=drop)))
             version.write_parquet(kept[kind], kind, part_file(part))
         version.write_parquet(pa.Table.from_pylist([], schema=FAILURE_SCHEMA), "failures", part_file(part))
         rows = kept["embeddings"].num_rows
-        version.write_json({"part": part, "rows": rows, "indexed": rows, "failed": 0, "errors": {}, "dim": manifest["dim"],
-                            "carried_from": f"{live}/{name}"}, "stats", part_file(part, "json"))
+        write_contract(version, PartStats(part=part, rows=rows, indexed=rows, failed=0, dim=manifest.dim,
+                                          carried_from=catalog.path), "stats", part_file(part, "json"))
 
 
-def run_update(cfg: IndexJobConfig, retrain: bool = False, retrain_factor: float = 2.0) -> dict:
+def copy_model_files(index: Location, manifest: Manifest, name: str) -> dict[str, FileRef]:
+    """The embedder's per-version files, copied into the new version so that it stands alone."""
+    files = {}
+    for key, ref in manifest.model.files.items():
+        inside = posixpath.relpath(ref.path, version_file(manifest.version))
+        version = index.child("versions", name)
+        if not version.exists(inside):
+            version.write_bytes(index.read_bytes(ref.path), inside)
+        files[key] = FileRef(path=version_file(name, inside))
+    return files
+
+
+def run_update(cfg: IndexJobConfig, options: UpdateOptions | None = None) -> UpdateSummary:
     """Update the live version of cfg.index.uri from cfg.source.uri; returns the summary (published or not)."""
     for field, uri in (("source.uri", cfg.source.uri), ("index.uri", cfg.index.uri)):
         if not uri:
             raise ConfigError(f"missing required setting: {field}")
-        check_under_roots(uri, cfg.storage.allowed_roots, field)
-    index = Location(cfg.index.uri, cfg.storage.options)
+    index = check_roots(cfg)
     with IndexLock(index, "mllm-index update", cfg.index.lock_ttl) as lock:
-        return _update_locked(cfg, index, lock, retrain, retrain_factor)
+        return _update_locked(cfg, index, lock, options or UpdateOptions())
 
 
-def _update_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock, retrain: bool, retrain_factor: float) -> dict:
-    t0, stages = time.time(), {}
+def _update_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock, options: UpdateOptions) -> UpdateSummary:
+    t0 = time.time()
     live = read_latest(index)
     if live is None:
         raise JobError(f"{redact(index.uri)} has no published version to update; build one with `mllm-index index`")
     manifest = read_manifest(index, live)
-    model = dict(manifest["model"])
-    if cfg.model.name and cfg.model.name != model["name"]:
-        raise ConfigError(f"model.name: the live version {live} was built with {model['name']!r}; a different model "
+    if manifest.model is None:
+        raise JobError(f"{redact(index.uri)} {live} was published from precomputed vectors (no model): it cannot be updated from images")
+    if cfg.model.name and cfg.model.name != manifest.model.name:
+        raise ConfigError(f"model.name: the live version {live} was built with {manifest.model.name!r}; a different model "
                           "needs a full rebuild: run `mllm-index index` into a new index (or the same one) instead")
     spec = source_spec(cfg)
-    settings = {"update_of": live, "source": cfg.source.model_dump(), "part_size": cfg.run.part_size, "retrain": retrain}
+    settings = {"update_of": live, "source": cfg.source.model_dump(), "part_size": cfg.run.part_size, "retrain": options.retrain}
     name, resumed = begin_version(index, fingerprint(settings), settings)
-    version = index.child("versions", name)
+    build = VersionBuild(index, name, resumed, cfg, lock, started=t0)
 
-    t = time.time()
-    if version.exists("plan", "plan.json"):
-        plan = version.read_json("plan", "plan.json")
-        removed = version.read_parquet("update", "removed.parquet").column("image_id").to_numpy()
-    else:
-        entries, failures, skipped = list_entries(spec)
-        live_catalog = pa.concat_tables([index.read_parquet("versions", live, "catalog", n, columns=["image_id", "key", "etag", "length"])
-                                         for n in manifest["catalog"]["parts"]])
-        todo, removed, counts = diff(entries, live_catalog)
-        version.write_parquet(pa.table({"image_id": pa.array(removed, pa.int64())}), "update", "removed.parquet")
-        plan = write_plan(version, todo, failures, skipped, cfg.run.part_size,
-                          seen=entries.num_rows + len(failures) + sum(skipped.values()), extra={"update": counts})
-    stages["list_diff"] = time.time() - t
-    changes = plan["update"]
-    if not (changes["added"] or changes["changed"] or changes["deleted"] or retrain):
-        version.delete()  # nothing to publish: the live version already is the gallery
-        return {"version": None, "live": live, "published": False, "update": changes,
-                "stage_seconds": {k: round(v, 3) for k, v in stages.items()}, "wall_seconds": round(time.time() - t0, 3)}
+    with build.stage("list_diff"):
+        plan = read_plan(build.folder)
+        if plan is not None:
+            removed = build.folder.read_parquet("update", "removed.parquet").column("image_id").to_numpy()
+        else:
+            entries, failures, skipped = list_entries(spec)
+            live_catalog = pa.concat_tables([index.read_parquet(ref.path, columns=["image_id", "key", "etag", "length"])
+                                             for ref in manifest.catalog])
+            todo, removed, counts = diff(entries, live_catalog)
+            build.folder.write_parquet(pa.table({"image_id": pa.array(removed, pa.int64())}), "update", "removed.parquet")
+            plan = write_plan(build.folder, todo, failures, skipped, cfg.run.part_size,
+                              seen=entries.num_rows + len(failures) + sum(skipped.values()), update=counts)
+    changes = plan.update
+    if not (changes.added or changes.changed or changes.deleted or options.retrain):
+        build.folder.delete()  # nothing to publish: the live version already is the gallery
+        return UpdateSummary(live_before=live, update=changes, published=False,
+                             stage_seconds={k: round(v, 3) for k, v in build.stages.items()},
+                             wall_seconds=round(time.time() - t0, 3))
 
-    for key in ("codebook", "pca"):  # classic:sift-vlad: the live version's files, copied so the version stands alone
-        if model.get(key):
-            if not version.exists(model[key]):
-                version.write_bytes(index.read_bytes("versions", live, model[key]), model[key])
-            model[f"{key}_uri"] = f"{version.uri}/{model[key]}"
-    _, processed, rates = embed_todo(version, plan, cfg, manifest["preprocessing"], model, lock, stages)
-    t = time.time()
-    carry_over(index, live, manifest, version, plan["parts"], removed)
-    stages["carry_over"] = time.time() - t
-    done = finished_parts(version)  # own parts and carried-over ones
-    total = sum(s["indexed"] for s in done.values())
-    trained_on = manifest.get("trained_on") or manifest["counts"]["indexed"]
-    retrained = retrain or total > retrain_factor * trained_on
-    factory = None if retrained else manifest["factory"]
-    if not retrained and not version.exists(TRAINED):
-        version.write_bytes(index.read_bytes("versions", live, TRAINED), TRAINED)
-    summary = {"version": name, "resumed": resumed, "live_before": live, "published": True, "retrained": retrained,
-               "update": changes, "trained_on": None if retrained else trained_on, "index_uri": redact(index.uri),
-               "source_uri": redact(spec.location().uri), "images_processed_this_run": processed, **rates}
-    return finish_version(index, name, cfg, plan, done, model, manifest["preprocessing"], stages, lock, t0, summary, factory)
+    model = manifest.model.model_copy(update={"files": copy_model_files(index, manifest, name)})
+    source = SourceInfo(uri=redact(spec.location().uri), format=cfg.source.format)
+    content = VersionContent(model, manifest.preprocessing, source, update=changes, live_before=live)
+    embedded = embed_todo(build, plan, content)
+    with build.stage("carry_over"):
+        carry_over(index, manifest, build.folder, plan.parts, removed)
+    embedded.parts = finished_parts(build.folder, PartStats)  # own parts and carried-over ones
+    total = sum(s.indexed for s in embedded.parts.values())
+    if not (options.retrain or total > options.retrain_factor * manifest.trained_on):
+        if not build.folder.exists(TRAINED):
+            build.folder.write_bytes(index.read_bytes(manifest.trained.path), TRAINED)
+        content = VersionContent(model, manifest.preprocessing, source, factory=manifest.factory,
+                                 trained_on=manifest.trained_on, update=changes, live_before=live)
+    built = publish_version(build, plan, embedded, content)
+    return UpdateSummary(live_before=live, update=changes, published=True, build=built,
+                         stage_seconds=built.stage_seconds, wall_seconds=built.wall_seconds)
 
-
-def format_update(s: dict) -> str:
-    from pipelines.index import format_summary
-
-    u = s["update"]
-    head = (f"update: added {u['added']}, changed {u['changed']}, deleted {u['deleted']}, unchanged {u['unchanged']}")
-    if not s["published"]:
-        return f"{head}\nnothing changed: no new version published; {s['live']} stays live ({s['wall_seconds']:.1f}s)"
-    return f"{head}; {'retrained' if s['retrained'] else 'same trained index'}\n{format_summary(s)}"

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.uris import Location
+from mllm_index.storage.uris import Location
 
 log = logging.getLogger(__name__)
 

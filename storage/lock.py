@@ -17,7 +17,7 @@ import socket
 import time
 import uuid
 
-from storage.uris import Location, redact
+from mllm_index.storage.uris import Location, redact
 
 log = logging.getLogger(__name__)
 LOCK = "LOCK.json"

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage.catalog import embeddings_from_table
-from storage.faiss_store import index_from_bytes, merge_topk, set_nprobe
-from storage.uris import Location
-from storage.versions import read_latest, read_manifest
+from mllm_index.storage.catalog import embeddings_from_table
+from mllm_index.storage.contracts import Manifest
+from mllm_index.storage.faiss_store import index_from_bytes, merge_topk, set_nprobe
+from mllm_index.storage.uris import Location
+from mllm_index.storage.versions import read_latest, read_manifest
 
 
 class IndexSearcher:
@@ -22,18 +23,17 @@ class IndexSearcher:
         self.location = Location(index_uri, storage_options)
         self.version = version or read_latest(self.location)
         self.manifest = read_manifest(self.location, self.version)
-        self.metric = self.manifest["metric"]
-        self.dim = int(self.manifest["dim"])
-        vdir = ("versions", self.version)
-        self.shards = [index_from_bytes(self.location.read_bytes(*vdir, "shards", s["name"])) for s in self.manifest["shards"]]
+        self.metric = self.manifest.metric
+        self.dim = self.manifest.dim
+        self.shards = [index_from_bytes(self.location.read_bytes(s.file.path)) for s in self.manifest.shards]
         self.ids = self.vectors = None
         if load_vectors:
-            self._load_vectors(vdir)
+            self._load_vectors()
 
-    def _load_vectors(self, vdir: tuple[str, ...]) -> None:
+    def _load_vectors(self) -> None:
         ids, vecs = [], []
-        for name in self.manifest["embeddings"]["parts"]:
-            part_ids, part_vecs = embeddings_from_table(self.location.read_parquet(*vdir, "embeddings", name))
+        for ref in self.manifest.embeddings:
+            part_ids, part_vecs = embeddings_from_table(self.location.read_parquet(ref.path))
             ids.append(part_ids)
             vecs.append(part_vecs)
         ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
@@ -92,11 +92,10 @@ class Catalog:
 
     COLUMNS = ["image_id", "key", "uri", "kind", "offset", "length"]
 
-    def __init__(self, location: Location, version: str, manifest: dict):
+    def __init__(self, location: Location, manifest: Manifest):
         import pyarrow as pa
 
-        parts = [location.read_parquet("versions", version, "catalog", name, columns=self.COLUMNS)
-                 for name in manifest["catalog"]["parts"]]
+        parts = [location.read_parquet(ref.path, columns=self.COLUMNS) for ref in manifest.catalog]
         table = pa.concat_tables(parts).sort_by("image_id") if parts else None
         self.columns = {c: (table.column(c).to_numpy(zero_copy_only=False) if table is not None else np.zeros(0))
                         for c in self.COLUMNS}

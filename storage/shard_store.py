@@ -1,7 +1,7 @@
 """Build one index version's FAISS files from its float16 embeddings parts.
 
 `train_version` writes `trained.faiss`; `build_shard` writes `shards/shard-NNNNN.faiss`
-and then `shards/shard-NNNNN.json`, whose presence marks the shard done (so a
+and then `shards/shard-NNNNN.json` (its `ShardRef`), whose presence marks the shard done (so a
 re-run rebuilds only shards without a marker). Plain functions: the job runs them as
 Ray tasks, a test or a notebook can call them directly.
 """
@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage.catalog import embeddings_from_table
-from storage.faiss_store import add_vectors, index_from_bytes, index_to_bytes, train_index
-from storage.uris import Location
+from mllm_index.storage.catalog import embeddings_from_table
+from mllm_index.storage.contracts import FileRef, ShardRef, read_contract, version_file, write_contract
+from mllm_index.storage.faiss_store import add_vectors, index_from_bytes, index_to_bytes, train_index
+from mllm_index.storage.uris import Location
 
 TRAINED = "trained.faiss"
 
@@ -48,30 +49,45 @@ def train_version(version: Location, part_counts: dict[int, int], factory: str, 
     return len(vectors)
 
 
-def build_shard(version: Location, shard: int, parts: list[int], use_gpu: bool) -> dict:
+def build_shard(index: Location, version_name: str, shard: int, parts: list[int], use_gpu: bool) -> ShardRef:
     """Copy of the trained index + all vectors of `parts`; writes the shard, then its marker."""
-    index = index_from_bytes(version.read_bytes(TRAINED))
+    version = index.child("versions", version_name)
+    trained = index_from_bytes(version.read_bytes(TRAINED))
     ids, vecs = [], []
     for part in parts:
         part_ids, part_vecs = embeddings_from_table(version.read_parquet("embeddings", part_file(part)))
         ids.append(part_ids)
         vecs.append(part_vecs)
+    filled = trained
     if ids and sum(len(i) for i in ids):
-        index = add_vectors(index, np.concatenate(ids), np.concatenate(vecs).astype(np.float32), use_gpu=use_gpu)
-    data = index_to_bytes(index)
+        filled = add_vectors(trained, np.concatenate(ids), np.concatenate(vecs).astype(np.float32), use_gpu=use_gpu)
+    data = index_to_bytes(filled)
     version.write_bytes(data, "shards", shard_file(shard))
-    info = {"name": shard_file(shard), "shard": shard, "parts": parts, "ntotal": int(index.ntotal), "bytes": len(data)}
-    version.write_json(info, "shards", shard_file(shard, "json"))
-    return info
+    ref = ShardRef(file=FileRef(path=version_file(version_name, "shards", shard_file(shard)), bytes=len(data)),
+                   shard=shard, parts=parts, ntotal=int(filled.ntotal))
+    write_contract(version, ref, "shards", shard_file(shard, "json"))  # the shard's done marker
+    return ref
+
+
+def finished_shard(index: Location, version_name: str, shard: int) -> ShardRef | None:
+    version = index.child("versions", version_name)
+    marker = ("shards", shard_file(shard, "json"))
+    return read_contract(version, ShardRef, *marker) if version.exists(*marker) else None
+
+
+def version_parts(version_name: str, folder: str, parts: list[int]) -> list[FileRef]:
+    """References to a version's own part files of one kind (embeddings, catalog, failures)."""
+    return [FileRef(path=version_file(version_name, folder, part_file(p))) for p in parts]
 
 
 def publish_vectors(index: Location, ids: np.ndarray, vectors: np.ndarray, factory: str, metric: str = "ip",
-                    part_size: int = 65536, parts_per_shard: int = 16, extra: dict | None = None) -> str:
+                    part_size: int = 65536, parts_per_shard: int = 16) -> str:
     """Publish precomputed embeddings as a new index version (no images, no Ray): the same
     parts -> trained index -> shards -> manifest path as the index job, in one process."""
-    from storage.catalog import embeddings_table
-    from storage.faiss_store import train_sample_size
-    from storage.versions import begin_version, fingerprint, publish
+    from mllm_index.storage.catalog import embeddings_table
+    from mllm_index.storage.contracts import Counts, Manifest
+    from mllm_index.storage.faiss_store import train_sample_size
+    from mllm_index.storage.versions import begin_version, fingerprint, publish
 
     settings = {"factory": factory, "metric": metric, "n": int(len(ids)), "part_size": part_size}
     name, _ = begin_version(index, fingerprint(settings), settings)
@@ -83,9 +99,11 @@ def publish_vectors(index: Location, ids: np.ndarray, vectors: np.ndarray, facto
         counts[p] = len(ids[start : start + part_size])
     train_version(version, counts, factory, metric, train_sample_size(factory, len(ids), 1_000_000), seed=0, use_gpu=True)
     parts = sorted(counts)
-    shards = [build_shard(version, s, parts[i : i + parts_per_shard], use_gpu=True)
+    shards = [build_shard(index, name, s, parts[i : i + parts_per_shard], use_gpu=True)
               for s, i in enumerate(range(0, len(parts), parts_per_shard))]
-    publish(index, name, {**(extra or {}), "metric": metric, "dim": int(vectors.shape[1]), "factory": factory,
-                          "shards": shards, "counts": {"indexed": int(len(ids))},
-                          "embeddings": {"dtype": "float16", "parts": [part_file(p) for p in parts]}})
+    publish(index, Manifest(version=name, parent=index.read_json("versions", name, "run.json").get("parent"),
+                            metric=metric, dim=int(vectors.shape[1]), factory=factory, shards=shards,
+                            counts=Counts(seen=len(ids), indexed=len(ids)), trained_on=len(ids),
+                            trained=FileRef(path=version_file(name, TRAINED)),
+                            embeddings=version_parts(name, "embeddings", parts)))
     return name

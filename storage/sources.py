@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.catalog import ENTRY_SCHEMA, KIND_FILE, KIND_PARQUET, KIND_TAR, failure_row, image_id
-from storage.retry import is_transient, with_retries
-from storage.uris import Location
+from mllm_index.storage.catalog import ENTRY_SCHEMA, KIND_FILE, KIND_PARQUET, KIND_TAR, failure_row, image_id
+from mllm_index.storage.retry import is_transient, with_retries
+from mllm_index.storage.uris import Location
 
 DEFAULT_IMAGE_EXTENSIONS = (
     "jpg", "jpeg", "jpe", "png", "gif", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "pnm",

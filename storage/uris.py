@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from storage.retry import with_retries
+from mllm_index.storage.retry import with_retries
 
 _CREDENTIAL_KEY = re.compile(r"^(key|secret|token)$|secret|password|passwd|credential|access_key|session_token", re.I)
 

@@ -13,11 +13,11 @@ import re
 import time
 from typing import Any
 
-from storage.uris import Location
+from mllm_index.storage.contracts import Manifest, ManifestError, parse_manifest
+from mllm_index.storage.uris import Location, redact
 
 VERSION_PATTERN = re.compile(r"^v(\d{6})$")
 MANIFEST, LATEST, RUN = "manifest.json", "LATEST", "run.json"
-FORMAT_VERSION = 1
 
 
 def version_name(number: int) -> str:
@@ -43,14 +43,19 @@ def read_latest(index: Location) -> str | None:
     return name
 
 
-def read_manifest(index: Location, version: str | None = None) -> dict[str, Any]:
-    """Manifest of a version (the live one by default)."""
+def read_manifest(index: Location, version: str | None = None) -> Manifest:
+    """Manifest of a version (the live one by default), validated; older formats are upgraded on read."""
     version = version or read_latest(index)
     if version is None:
         raise FileNotFoundError(f"{index!r} has no published version (no LATEST)")
     if not is_published(index, version):
         raise FileNotFoundError(f"{index!r}: version {version} is not published (no manifest)")
-    return index.read_json("versions", version, MANIFEST)
+    where = f"index {redact(index.uri)}, version {version}"
+    try:
+        data = index.read_json("versions", version, MANIFEST)
+    except ValueError as exc:  # not JSON at all
+        raise ManifestError(f"{where}: manifest.json is not valid JSON ({exc})") from None
+    return parse_manifest(data, where)
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -79,11 +84,12 @@ def begin_version(index: Location, run_fingerprint: str, settings: dict[str, Any
     return name, False
 
 
-def publish(index: Location, version: str, manifest: dict[str, Any]) -> None:
+def publish(index: Location, manifest: Manifest) -> Manifest:
     """Write the manifest (the version is complete from here on), then point LATEST at it."""
-    manifest = dict(manifest, format_version=FORMAT_VERSION, version=version, published_at=time.time())
-    index.write_json(manifest, "versions", version, MANIFEST)
-    index.write_text(version + "\n", LATEST)
+    manifest = manifest.model_copy(update={"published_at": time.time()})
+    index.write_json(manifest.model_dump(mode="json"), "versions", manifest.version, MANIFEST)
+    index.write_text(manifest.version + "\n", LATEST)
+    return manifest
 
 
 def version_table(index: Location) -> list[dict]:
@@ -91,12 +97,12 @@ def version_table(index: Location) -> list[dict]:
     live = read_latest(index)
     rows = []
     for name in list_versions(index):
-        manifest = index.read_json("versions", name, MANIFEST) if is_published(index, name) else None
+        m = read_manifest(index, name) if is_published(index, name) else None
         run = index.read_json("versions", name, RUN) if index.exists("versions", name, RUN) else {}
-        rows.append({"version": name, "live": name == live, "published": manifest is not None,
-                     "published_at": (manifest or {}).get("published_at"), "started_at": run.get("started_at"),
-                     "parent": (manifest or run).get("parent"), "indexed": ((manifest or {}).get("counts") or {}).get("indexed"),
-                     "model": ((manifest or {}).get("model") or {}).get("name"), "factory": (manifest or {}).get("factory")})
+        rows.append({"version": name, "live": name == live, "published": m is not None,
+                     "published_at": m and m.published_at, "started_at": run.get("started_at"),
+                     "parent": m.parent if m else run.get("parent"), "indexed": m and m.counts.indexed,
+                     "model": m and m.model and m.model.name, "factory": m and m.factory, "format": m and m.format})
     return rows
 
 

@@ -8,7 +8,7 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.uris import Location
+from mllm_index.storage.uris import Location
 
 
 def tar_bytes(members: dict[str, bytes]) -> bytes:

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from actors.classic import SpatialVerifier, VladEmbedImages, codebook_bytes, codebook_from_bytes, fit_codebook, root_sift, vlad
-from pipelines.demo import bundled_photos
-from pipelines.demo_set import _perspective
+from mllm_index.actors.classic import SpatialVerifier, VladEmbedImages, codebook_bytes, codebook_from_bytes, fit_codebook, root_sift, vlad
+from mllm_index.pipelines.demo import bundled_photos
+from mllm_index.pipelines.demo_set import _perspective
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_codebooks_never_load_pickle():
 
 
 def test_vlad_pca_reduces_and_keeps_neighbours(photos, tmp_path):
-    from actors.classic import fit_pca, project
+    from mllm_index.actors.classic import fit_pca, project
 
     descs = [root_sift(np.asarray(p.convert("L")), 300)[1] for p in photos]
     centroids = fit_codebook(np.concatenate(descs), 8)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
+from mllm_index.configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from inputs import bad_files, odd_files
 
-from actors.decode import decode_batch, decode_image, letterbox, to_rgb, DecodeFailure
+from mllm_index.actors.decode import decode_batch, decode_image, letterbox, to_rgb, DecodeFailure
 from PIL import Image
 
 LIMITS = dict(max_pixels=89_478_485, max_bytes=64 << 20)

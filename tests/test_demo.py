@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.demo import run_demo
+from mllm_index.pipelines.demo import run_demo
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from actors.embed import EmbedImages, load_preprocessing
+from mllm_index.actors.embed import EmbedImages, load_preprocessing
 
 
 def pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -13,8 +13,8 @@ def pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def normalised_input(px: np.ndarray, prep: dict) -> torch.Tensor:
     x = torch.from_numpy(px).permute(0, 3, 1, 2).float() / 255
-    mean = torch.tensor(prep["image_mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(prep["image_std"]).view(1, 3, 1, 1)
+    mean = torch.tensor(prep.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(prep.image_std).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -24,15 +24,15 @@ def reference(vec: torch.Tensor) -> np.ndarray:
 
 def make(model: str, pooling: str = "auto") -> tuple[EmbedImages, dict]:
     prep = load_preprocessing(model)
-    return EmbedImages(model, prep["image_size"], prep["image_mean"], prep["image_std"], pooling=pooling, device="cpu"), prep
+    return EmbedImages(model, prep.image_size, prep.image_mean, prep.image_std, pooling=pooling, device="cpu"), prep
 
 
 def test_preprocessing_comes_from_the_saved_processor(tiny_dinov2, tiny_clip, tiny_siglip):
-    assert load_preprocessing(tiny_dinov2)["image_size"] == 56  # crop_size, not the resize size
-    assert load_preprocessing(tiny_clip)["image_size"] == 32
+    assert load_preprocessing(tiny_dinov2).image_size == 56  # crop_size, not the resize size
+    assert load_preprocessing(tiny_clip).image_size == 32
     siglip = load_preprocessing(tiny_siglip)
-    assert siglip["image_size"] == 32 and siglip["image_mean"] == (0.5, 0.5, 0.5)
-    assert load_preprocessing(tiny_dinov2, image_size=84)["image_size"] == 84
+    assert siglip.image_size == 32 and siglip.image_mean == (0.5, 0.5, 0.5)
+    assert load_preprocessing(tiny_dinov2, image_size=84).image_size == 84
 
 
 def test_dinov2_cls_matches_transformers(tiny_dinov2):

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.evaluate import evaluate, format_report
-from pipelines.metrics import average_precision
-from storage.ground_truth import import_ilias, import_revisitop, read_ground_truth
+from mllm_index.pipelines.evaluate import evaluate, format_report
+from mllm_index.pipelines.metrics import average_precision
+from mllm_index.storage.ground_truth import import_ilias, import_revisitop, read_ground_truth
 
 ROOT = Path(__file__).parents[1]
 
@@ -94,12 +94,12 @@ def test_ilias_import_by_instance_prefix(tmp_path):
 def test_cli_evaluate_and_import(run, tmp_path):
     results, gt = run
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", str(results), str(gt), "--k", "1,10"],
+    out = subprocess.run([sys.executable, "-m", "mllm_index.pipelines.cli", "evaluate", str(results), str(gt), "--k", "1,10"],
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert out.returncode == 0 and "reranked" in out.stdout and "occluded" in out.stdout
-    bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", str(results), str(gt),
+    bad = subprocess.run([sys.executable, "-m", "mllm_index.pipelines.cli", "evaluate", str(results), str(gt),
                           "--storage-option", "secret=abc"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "credentials" in bad.stderr and "abc" not in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "pipelines.cli", "evaluate", str(tmp_path / "nothing"), str(gt)],
+    missing = subprocess.run([sys.executable, "-m", "mllm_index.pipelines.cli", "evaluate", str(tmp_path / "nothing"), str(gt)],
                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert missing.returncode == 1 and "no results" in missing.stderr

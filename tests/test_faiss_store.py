@@ -5,12 +5,13 @@ import faiss
 import numpy as np
 import pytest
 
-from storage.faiss_store import default_factory, index_from_bytes, pq_subquantizers, train_sample_size
-from storage.search import IndexSearcher
-from storage.shard_store import TRAINED, publish_vectors
-from storage.synthetic import clustered_vectors
-from storage.uris import Location
-from storage.versions import begin_version, list_versions, publish, read_latest, read_manifest
+from mllm_index.storage.faiss_store import default_factory, index_from_bytes, pq_subquantizers, train_sample_size
+from mllm_index.storage.search import IndexSearcher
+from mllm_index.storage.shard_store import TRAINED, publish_vectors
+from mllm_index.storage.synthetic import clustered_vectors
+from mllm_index.storage.uris import Location
+from mllm_index.storage.contracts import Counts, FileRef, Manifest
+from mllm_index.storage.versions import begin_version, list_versions, publish, read_latest, read_manifest
 
 
 def write_version(root: Location, vectors, ids, part_size: int, parts_per_shard: int, factory: str) -> str:
@@ -89,8 +90,9 @@ def test_versions_publish_and_resume(tmp_path):
     assert (v1, resumed) == ("v000001", False)
     assert begin_version(root, "fp-a", {"a": 1}) == ("v000001", True)  # unpublished, same settings: resume
     assert begin_version(root, "fp-b", {"b": 1}) == ("v000002", False)  # other settings: a new folder
-    publish(root, "v000002", {"dim": 4})
-    assert read_latest(root) == "v000002" and read_manifest(root)["dim"] == 4
+    publish(root, Manifest(version="v000002", dim=4, metric="ip", factory="Flat", counts=Counts(seen=0, indexed=0),
+                           trained_on=0, trained=FileRef(path="versions/v000002/trained.faiss"), shards=[], embeddings=[]))
+    assert read_latest(root) == "v000002" and read_manifest(root).dim == 4
     assert begin_version(root, "fp-b", {"b": 1}) == ("v000003", False)  # published versions are never reopened
     assert list_versions(root) == ["v000001", "v000002", "v000003"]
     with pytest.raises(FileNotFoundError):

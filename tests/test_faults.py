@@ -10,19 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs.schema import IndexJobConfig, load_config
-from pipelines.demo import bundled_photos
-from pipelines.index import run_index
-from storage.faiss_store import index_from_bytes, stored_ids
-from storage.search import IndexSearcher
+from mllm_index.configs.schema import IndexJobConfig, load_config
+from mllm_index.pipelines.demo import bundled_photos
+from mllm_index.pipelines.index import run_index
+from mllm_index.storage.faiss_store import index_from_bytes, stored_ids
+from mllm_index.storage.search import IndexSearcher
 
 pytestmark = pytest.mark.e2e
 
 
 def index_ids(uri: str) -> np.ndarray:
     s = IndexSearcher(uri, load_vectors=False)
-    return np.concatenate([stored_ids(index_from_bytes(s.location.read_bytes("versions", s.version, "shards", sh["name"])))
-                           for sh in s.manifest["shards"]])
+    return np.concatenate([stored_ids(index_from_bytes(s.location.read_bytes(sh.file.path))) for sh in s.manifest.shards])
 
 
 def embed_actor_pids() -> list[int]:
@@ -60,7 +59,7 @@ def test_killed_embedding_actor_is_restarted_and_nothing_is_lost(ray_session, ti
         time.sleep(0.05)
     job.join(timeout=300)
     assert killed is not None, "the job finished before an embedding actor could be killed"
-    assert result["summary"]["counts"] == {"seen": 60, "indexed": 60, "failed": 0, "skipped": 0}
+    assert result["summary"].counts.model_dump() == {"seen": 60, "indexed": 60, "failed": 0, "skipped": 0}
     ids = index_ids(str(tmp_path / "idx"))
     run_index(make("clean"))
     assert len(ids) == len(set(ids.tolist())) == 60

@@ -16,15 +16,16 @@ from galleries import parquet_bytes, tar_bytes, write_files
 from inputs import bad_files, odd_files
 from PIL import Image
 
-from actors.decode import decode_image, letterbox
-from actors.embed import EmbedImages, load_preprocessing
-from configs.schema import IndexJobConfig, load_config
-from pipelines.demo import bundled_photos
-from pipelines.index import run_index
-from storage.catalog import image_id
-from storage.faiss_store import index_from_bytes, stored_ids
-from storage.search import IndexSearcher
-from storage.uris import Location
+from mllm_index.actors.decode import decode_image, letterbox
+from mllm_index.actors.embed import EmbedImages, load_preprocessing
+from mllm_index.configs.schema import IndexJobConfig, load_config
+from mllm_index.pipelines.demo import bundled_photos
+from mllm_index.pipelines.index import run_index
+from mllm_index.storage.contracts import MANIFEST_FORMAT
+from mllm_index.storage.catalog import image_id
+from mllm_index.storage.faiss_store import index_from_bytes, stored_ids
+from mllm_index.storage.search import IndexSearcher
+from mllm_index.storage.uris import Location
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).parents[1]
@@ -54,8 +55,8 @@ def job_config(source: str, index: str, model: str, options: dict, **overrides) 
                                               "storage.options": options}, sets).require()
 
 
-def all_ids(index: Location, manifest: dict) -> np.ndarray:
-    shards = [index_from_bytes(index.read_bytes("versions", manifest["version"], "shards", s["name"])) for s in manifest["shards"]]
+def all_ids(index: Location, manifest) -> np.ndarray:
+    shards = [index_from_bytes(index.read_bytes(s.file.path)) for s in manifest.shards]
     return np.concatenate([stored_ids(shard) for shard in shards])
 
 
@@ -75,31 +76,31 @@ def test_mixed_gallery_on_s3_with_bad_and_odd_inputs(ray_session, s3_bucket, tin
 
     cfg = job_config(source.uri, f"s3://{bucket}/index", tiny_dinov2, options, **{"run.part_size": 8})
     summary = run_index(cfg)
-    c = summary["counts"]
+    c = summary.counts
     n_images = len(photos) + len(odd) + len(bad) + len(shard_members) + len(table_rows)
-    assert c["seen"] == c["indexed"] + c["failed"] + c["skipped"]
-    assert c["indexed"] == len(photos) + len(odd) + len(shard_members) + len(table_rows)
-    assert c["failed"] == len(bad) + 1  # + the corrupt tar, as one listing failure
-    assert c["skipped"] == 2 and c["seen"] == n_images + 1 + 2  # caption.json, s000.json; + the corrupt tar
+    assert c.seen == c.indexed + c.failed + c.skipped
+    assert c.indexed == len(photos) + len(odd) + len(shard_members) + len(table_rows)
+    assert c.failed == len(bad) + 1  # + the corrupt tar, as one listing failure
+    assert c.skipped == 2 and c.seen == n_images + 1 + 2  # caption.json, s000.json; + the corrupt tar
 
     index = Location(f"s3://{bucket}/index", options)
-    version = summary["version"]
+    version = summary.version
     searcher = IndexSearcher(index.uri, storage_options=options)
     manifest = searcher.manifest
-    assert index.read_text("LATEST").strip() == version == manifest["version"]
-    assert manifest["model"]["name"] == tiny_dinov2 and manifest["preprocessing"]["image_size"] == 56
+    assert index.read_text("LATEST").strip() == version == manifest.version and manifest.format == MANIFEST_FORMAT
+    assert manifest.model.name == tiny_dinov2 and manifest.preprocessing.image_size == 56
     assert index.exists("versions", version, "stats.json")
 
     catalog = {}
-    for name in manifest["catalog"]["parts"]:
-        for row in index.read_parquet("versions", version, "catalog", name).to_pylist():
+    for ref in manifest.catalog:
+        for row in index.read_parquet(ref.path).to_pylist():
             catalog[row["key"]] = row
     for key, (_, (w, h)) in odd_files().items():
         assert (catalog[f"loose/{key}"]["width"], catalog[f"loose/{key}"]["height"]) == (w, h), key
     assert {"s000", "s003", "t0", "t2"} <= set(catalog)
     failures = {}
-    for name in manifest["failures"]["parts"]:
-        for row in index.read_parquet("versions", version, "failures", name).to_pylist():
+    for ref in manifest.failures:
+        for row in index.read_parquet(ref.path).to_pylist():
             failures[row["key"] or row["uri"]] = row
     for key, (_, error_type) in bad_files().items():
         assert failures[f"loose/{key}"]["error_type"] == error_type, key
@@ -107,15 +108,15 @@ def test_mixed_gallery_on_s3_with_bad_and_odd_inputs(ray_session, s3_bucket, tin
     assert len(corrupt) == 1 and corrupt[0]["stage"] == "list"
 
     ids = all_ids(index, manifest)
-    assert len(ids) == len(set(ids)) == c["indexed"] == searcher.ntotal
+    assert len(ids) == len(set(ids)) == c.indexed == searcher.ntotal
     assert set(ids) == {r["image_id"] for r in catalog.values()}
     assert catalog["loose/odd/gray.jpg"]["image_id"] == image_id(source.uri, "loose/odd/gray.jpg")
 
     # Each original photo, embedded as a query, finds itself first and its re-crop near the top.
     prep = load_preprocessing(tiny_dinov2)
-    embedder = EmbedImages(tiny_dinov2, prep["image_size"], prep["image_mean"], prep["image_std"], device="cpu")
+    embedder = EmbedImages(tiny_dinov2, prep.image_size, prep.image_mean, prep.image_std, device="cpu")
     keys = [k for k in photos if k.endswith("orig.jpg")]
-    px = np.stack([letterbox(decode_image(photos[k], 56, 10**9, 10**9)[0], 56, tuple(prep["fill"])) for k in keys])
+    px = np.stack([letterbox(decode_image(photos[k], 56, 10**9, 10**9)[0], 56, tuple(prep.fill)) for k in keys])
     _, found = searcher.search(embedder.embed_pixels(px), k=3, rescore=50)
     id_of = {row["image_id"]: key for key, row in catalog.items()}
     assert [id_of[i] for i in found[:, 0]] == [f"loose/{k}" for k in keys]
@@ -131,7 +132,7 @@ def test_killed_driver_resumes_without_loss_or_duplicates(ray_session, s3_bucket
     # The killed run finds the endpoint through AWS_ENDPOINT_URL alone, the resumed one through storage.options.
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, MLLM_INDEX_PAUSE_AFTER_PARTS="3",
                PYTHONPATH=str(ROOT), AWS_ENDPOINT_URL=options["endpoint_url"])
-    cmd = [sys.executable, "-m", "pipelines.cli", "index", source.uri, index_uri, "--model", tiny_dinov2]
+    cmd = [sys.executable, "-m", "mllm_index.pipelines.cli", "index", source.uri, index_uri, "--model", tiny_dinov2]
     proc = subprocess.Popen(cmd + [a for s in sets for a in ("--set", s)], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     index = Location(index_uri, options)
@@ -147,9 +148,9 @@ def test_killed_driver_resumes_without_loss_or_duplicates(ray_session, s3_bucket
     sets.append(f"storage.options={{endpoint_url: '{options['endpoint_url']}'}}")
     cfg = load_config(IndexJobConfig, None, {"source.uri": source.uri, "index.uri": index_uri, "model.name": tiny_dinov2}, sets)
     resumed = run_index(cfg)  # ...and is taken over at once: its process is gone
-    assert resumed["resumed"] and resumed["version"] == "v000001"
-    assert resumed["images_processed_this_run"] == len(photos) - 3 * 4  # finished parts were not redone
-    assert resumed["counts"]["failed"] == 0  # the killed run's workers reached S3 too (AWS_ENDPOINT_URL forwarded)
+    assert resumed.resumed and resumed.version == "v000001"
+    assert resumed.images_processed_this_run == len(photos) - 3 * 4  # finished parts were not redone
+    assert resumed.counts.failed == 0  # the killed run's workers reached S3 too (AWS_ENDPOINT_URL forwarded)
     manifest = IndexSearcher(index_uri, storage_options=options, load_vectors=False).manifest
     ids = all_ids(index, manifest)
     assert len(ids) == len(set(ids)) == len(photos)
@@ -157,5 +158,5 @@ def test_killed_driver_resumes_without_loss_or_duplicates(ray_session, s3_bucket
     clean = run_index(load_config(IndexJobConfig, None, {"source.uri": source.uri, "index.uri": f"s3://{bucket}/clean",
                                                           "model.name": tiny_dinov2}, sets))
     clean_manifest = IndexSearcher(f"s3://{bucket}/clean", storage_options=options, load_vectors=False).manifest
-    assert clean["counts"] == resumed["counts"]
+    assert clean.counts == resumed.counts
     np.testing.assert_array_equal(np.sort(all_ids(Location(f"s3://{bucket}/clean", options), clean_manifest)), np.sort(ids))

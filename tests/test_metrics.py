@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pipelines.metrics import average_precision, average_precision_at_k, precision_at_k, recall_at_k
+from mllm_index.pipelines.metrics import average_precision, average_precision_at_k, precision_at_k, recall_at_k
 
 
 def test_ap_trapezoid_by_hand():

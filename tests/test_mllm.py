@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pipelines.tiny_models import BUILDERS
+from mllm_index.pipelines.tiny_models import BUILDERS
 
-from actors.mllm import MLLMScorer, answer_token_ids, cap_pixels, load_processor
+from mllm_index.actors.mllm import MLLMScorer, answer_token_ids, cap_pixels, load_processor
 
 FAMILIES = sorted(BUILDERS)
 

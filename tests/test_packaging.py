@@ -42,12 +42,63 @@ def test_faiss_builds_are_in_separate_extras():
         builds = {d.split(">")[0].split("=")[0].split("[")[0] for d in deps if d.startswith("faiss")}
         assert len(builds) <= 1, name
     assert any(d.startswith("faiss-cpu") for d in extras["cpu"]) and any(d.startswith("faiss-gpu") for d in extras["gpu"])
-    assert project["scripts"]["mllm-index"] == "pipelines.cli:main"
+    assert project["scripts"]["mllm-index"] == "mllm_index.pipelines.cli:main"
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})), timeout=120)
+    return subprocess.run([sys.executable, "-m", "mllm_index.pipelines.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})), timeout=120)
+
+
+USER_PACKAGES = {  # what a user's own repository often holds, next to where they run `ray job submit --working-dir .`
+    "configs/__init__.py": "MINE = 'the user configs package'\n",
+    "configs/schema.py": "raise ImportError('the user configs.schema was imported instead of mllm_index.configs.schema')\n",
+    "storage/__init__.py": "raise ImportError('the user storage package was imported')\n",
+    "pipelines/__init__.py": "raise ImportError('the user pipelines package was imported')\n",
+}
+
+
+def test_the_wheel_installs_one_namespace_that_user_packages_cannot_shadow(tmp_path):
+    """Build the wheel, install it into a fresh venv (its dependencies borrowed from this one), and
+    import it from a working directory holding its own configs/, storage/ and pipelines/ packages."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels),
+                    str(ROOT)], check=True, capture_output=True, timeout=300)
+    wheel = next(wheels.glob("mllm_index-*.whl"))
+    import zipfile
+
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"mllm_index"}, tops  # nothing else lands in site-packages
+    assert "mllm_index/pipelines/data/photos/Dune.jpg" in names and "mllm_index/configs/gallery.yaml" in names
+    assert not any(n.startswith("mllm_index/tests/") or n.startswith("mllm_index/benchmarks/") for n in names)
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    # A plain path entry, not a site dir: this venv's editable finder (its own .pth) is not run there.
+    (Path(site) / "borrowed_dependencies.pth").write_text("\n".join(deps) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "-q", str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+
+    work = tmp_path / "user-repo"
+    for rel, text in USER_PACKAGES.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        (work / rel).write_text(text)
+    probe = ("import configs, mllm_index, mllm_index.configs.schema as s, mllm_index.storage.versions, "
+             "mllm_index.pipelines.cli\n"
+             "assert configs.MINE and s.__file__.startswith(%r), s.__file__\n"
+             "from mllm_index import IndexJobConfig, IndexSearcher, run_index, run_rerank, run_update, evaluate\n"
+             "print('ok', mllm_index.__file__)") % site
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(work)}
+    result = subprocess.run([str(python), "-c", probe], cwd=work, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("ok " + site), result.stderr
+    cli = subprocess.run([str(venv / "bin" / "mllm-index"), "index", "g", "i", "--model", "m", "--set", "model.pooling=max"],
+                         cwd=work, capture_output=True, text=True, env=env, timeout=120)
+    assert cli.returncode == 2 and "model.pooling" in cli.stderr, cli.stderr
 
 
 def test_cli_help_for_every_command():

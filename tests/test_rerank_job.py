@@ -12,18 +12,18 @@ import pytest
 import torch
 from galleries import write_files
 from PIL import Image
-from pipelines.tiny_models import build_qwen2_vl
+from mllm_index.pipelines.tiny_models import build_qwen2_vl
 
-from actors.decode import open_image
-from actors.mllm import MLLMScorer
-from configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
-from pipelines.demo import bundled_photos
-from pipelines.evaluate import evaluate
-from pipelines.index import run_index
-from pipelines.rerank import RESULT_SCHEMA, run_rerank
-from storage.catalog import image_id
-from storage.ground_truth import write_ground_truth
-from storage.uris import Location
+from mllm_index.actors.decode import open_image
+from mllm_index.actors.mllm import MLLMScorer
+from mllm_index.configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
+from mllm_index.pipelines.demo import bundled_photos
+from mllm_index.pipelines.evaluate import evaluate
+from mllm_index.pipelines.index import run_index
+from mllm_index.pipelines.rerank import RESULT_SCHEMA, run_rerank
+from mllm_index.storage.catalog import image_id
+from mllm_index.storage.ground_truth import write_ground_truth
+from mllm_index.storage.uris import Location
 
 pytestmark = pytest.mark.e2e
 TOP_K, DEPTH, MAX_PIXELS = 6, 4, 112 * 112
@@ -101,7 +101,7 @@ def test_rerank_end_to_end(setup, planted_vlm):
     out_uri = f"s3://{setup['bucket']}/runs/planted"
     summary = run_rerank(rerank_config(setup, out_uri, planted_vlm))
     out = Location(out_uri, setup["options"])
-    assert summary["queries"] == {"seen": 4, "ok": 4, "failed": 0, "skipped": 0} and summary["parts"] == 2
+    assert summary.queries.model_dump() == {"seen": 4, "ok": 4, "failed": 0, "skipped": 0} and summary.parts == 2
     results = read_results(out)
     assert results.schema == RESULT_SCHEMA
     rows = results.to_pylist()
@@ -137,7 +137,7 @@ def test_rerank_end_to_end(setup, planted_vlm):
     failures = pa.concat_tables([out.read_parquet("failures", n) for n in out.list_names("failures")]).to_pylist()
     hits = [f for f in failures if f["image_id"] == missing_id]
     assert hits and all(f["stage"] == "candidate" and f["key"] == setup["missing"] for f in hits)
-    assert summary["candidate_failures"] == len(hits)
+    assert summary.candidate_failures == len(hits)
 
     # Evaluate against ground truth on S3: each query's positives are the two views of its photo.
     gt_rows = [{"query_id": f"q{i}", "positives": [f"{p.stem}/orig.jpg", f"{p.stem}/crop.jpg"], "junk": [],
@@ -155,7 +155,7 @@ def test_rerank_end_to_end(setup, planted_vlm):
     out.delete("stats", "part-00001.json")
     out.delete("results", "part-00001.parquet")
     again = run_rerank(rerank_config(setup, out_uri, planted_vlm))
-    assert again["parts_this_run"] == 1 and again["run_id"] == summary["run_id"]
+    assert again.parts_this_run == 1 and again.run_id == summary.run_id
     after = read_results(out).sort_by([("query_id", "ascending"), ("rank", "ascending")])
     assert after.num_rows == before.num_rows == 4 * TOP_K
     assert after.column("image_id").to_pylist() == before.column("image_id").to_pylist()
@@ -169,7 +169,7 @@ def test_rerank_end_to_end(setup, planted_vlm):
 def test_knn_only_run_and_model_mismatch(setup, tiny_clip):
     out_uri = f"s3://{setup['bucket']}/runs/knn"
     summary = run_rerank(rerank_config(setup, out_uri, None))
-    assert summary["reranker"] == "knn" and summary["pairs_scored_this_run"] == 0
+    assert summary.reranker == "knn" and summary.pairs_scored_this_run == 0
     rows = read_results(Location(out_uri, setup["options"])).to_pylist()
     assert all(r["rank"] == r["knn_rank"] and np.isnan(r["rerank_score"]) for r in rows)
     with pytest.raises(ConfigError, match="was built with"):

@@ -4,10 +4,10 @@ import fsspec
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from storage import retry
-from storage.retry import RetriesExhausted, RetryPolicy, with_retries
-from storage.sources import fetch_bytes
-from storage.uris import Location
+from mllm_index.storage import retry
+from mllm_index.storage.retry import RetriesExhausted, RetryPolicy, with_retries
+from mllm_index.storage.sources import fetch_bytes
+from mllm_index.storage.uris import Location
 
 
 class FlakyFS(MemoryFileSystem):

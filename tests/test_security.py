@@ -10,7 +10,7 @@ import pytest
 from galleries import write_files
 from inputs import odd_files
 
-from storage.uris import Location
+from mllm_index.storage.uris import Location
 
 ROOT = Path(__file__).parents[1]
 PACKAGES = ("actors", "storage", "pipelines", "configs")
@@ -56,10 +56,10 @@ def test_a_planted_secret_never_leaks(ray_session, s3_bucket, tiny_dinov2, tmp_p
     write_files(source, {k: v[0] for k, v in list(odd_files().items())[:4]} | {"bad/x.jpg": b"<html>no</html>"})
     env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONPATH=str(ROOT),
                AWS_ENDPOINT_URL=options["endpoint_url"])
-    run = subprocess.run([sys.executable, "-m", "pipelines.cli", "index", source.uri, f"s3://{bucket}/index", "--model",
+    run = subprocess.run([sys.executable, "-m", "mllm_index.pipelines.cli", "index", source.uri, f"s3://{bucket}/index", "--model",
                           tiny_dinov2, "--json"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    failing = subprocess.run([sys.executable, "-m", "pipelines.cli", "index", f"s3://{bucket}/missing", f"s3://{bucket}/i2",
+    failing = subprocess.run([sys.executable, "-m", "mllm_index.pipelines.cli", "index", f"s3://{bucket}/missing", f"s3://{bucket}/i2",
                               "--model", tiny_dinov2], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert failing.returncode == 1
     written = b"".join(Location(f"s3://{bucket}", options).fs.cat_file(p)

@@ -3,9 +3,9 @@ import pytest
 from galleries import parquet_bytes, tar_bytes, write_files
 from inputs import odd_files
 
-from storage.catalog import image_id
-from storage.sources import SourceSpec, assign_ids, fetch_bytes, list_source, scan_container
-from storage.uris import Location, StorageError, check_under_roots, normalize_uri, redact, redact_text
+from mllm_index.storage.catalog import image_id
+from mllm_index.storage.sources import SourceSpec, assign_ids, fetch_bytes, list_source, scan_container
+from mllm_index.storage.uris import Location, StorageError, check_under_roots, normalize_uri, redact, redact_text
 
 IMAGES = {name.split("/")[-1]: data for name, (data, _) in odd_files().items()}
 

@@ -10,14 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from configs.schema import ConfigError, IndexJobConfig, load_config
-from pipelines.demo import bundled_photos
-from pipelines.index import run_index
-from pipelines.update import run_update
-from storage.faiss_store import index_from_bytes, stored_ids
-from storage.search import IndexSearcher
-from storage.uris import Location
-from storage.versions import list_versions, read_latest
+from mllm_index.configs.schema import ConfigError, IndexJobConfig, load_config
+from mllm_index.pipelines.demo import bundled_photos
+from mllm_index.pipelines.index import run_index
+from mllm_index.pipelines.update import run_update
+from mllm_index.storage.contracts import UpdateCounts
+from mllm_index.storage.faiss_store import index_from_bytes, stored_ids
+from mllm_index.storage.search import IndexSearcher
+from mllm_index.storage.uris import Location
+from mllm_index.storage.versions import list_versions, read_latest
 
 pytestmark = pytest.mark.e2e
 
@@ -46,12 +47,11 @@ def config(source: Path, index: Path, model: str | None) -> IndexJobConfig:
 def snapshot(index_uri: str) -> tuple[set, dict, IndexSearcher]:
     searcher = IndexSearcher(index_uri)
     loc, m = searcher.location, searcher.manifest
-    ids = np.concatenate([stored_ids(index_from_bytes(loc.read_bytes("versions", m["version"], "shards", s["name"])))
-                          for s in m["shards"]])
+    ids = np.concatenate([stored_ids(index_from_bytes(loc.read_bytes(s.file.path))) for s in m.shards])
     assert len(ids) == len(set(ids.tolist()))  # no id twice
     catalog = {}
-    for name in m["catalog"]["parts"]:
-        for row in loc.read_parquet("versions", m["version"], "catalog", name).to_pylist():
+    for ref in m.catalog:
+        for row in loc.read_parquet(ref.path).to_pylist():
             catalog[row["key"]] = row["image_id"]
     return set(ids.tolist()), catalog, searcher
 
@@ -74,10 +74,10 @@ def test_nightly_update_matches_a_full_rebuild(ray_session, tiny_dinov2, tmp_pat
         (gallery / "new" / f"{i}.jpg").write_bytes(jpeg(ImageOps.flip(Image.open(io.BytesIO(files[key])))))
 
     summary = run_update(config(gallery, tmp_path / "index", None))
-    assert summary["published"] and summary["version"] == "v000002" and not summary["retrained"]
-    assert summary["update"] == {"added": 4, "changed": 2, "deleted": 2, "unchanged": 32}
-    assert summary["images_processed_this_run"] == 6  # only added + changed were decoded and embedded
-    assert summary["counts"]["indexed"] == 38
+    assert summary.published and summary.build.version == "v000002" and not summary.build.retrained
+    assert summary.update == UpdateCounts(added=4, changed=2, deleted=2, unchanged=32)
+    assert summary.build.images_processed_this_run == 6  # only added + changed were decoded and embedded
+    assert summary.build.counts.indexed == 38
 
     run_index(config(gallery, tmp_path / "rebuild", tiny_dinov2))
     ids, catalog, searcher = snapshot(str(tmp_path / "index"))
@@ -91,7 +91,7 @@ def test_nightly_update_matches_a_full_rebuild(ray_session, tiny_dinov2, tmp_pat
     assert (live_top[:, 0] == rebuilt_top[:, 0]).mean() == 1.0
 
     again = run_update(config(gallery, tmp_path / "index", None))
-    assert not again["published"] and again["update"]["unchanged"] == 38
+    assert not again.published and again.update.unchanged == 38
     assert read_latest(Location(str(tmp_path / "index"))) == "v000002"
     assert list_versions(Location(str(tmp_path / "index"))) == ["v000001", "v000002"]  # no empty folder left behind
 
@@ -100,7 +100,7 @@ def test_nightly_update_matches_a_full_rebuild(ray_session, tiny_dinov2, tmp_pat
 
 
 def test_a_failed_update_leaves_the_live_version_serving_and_a_rerun_finishes(ray_session, tiny_dinov2, tmp_path, monkeypatch):
-    import pipelines.update as update
+    import mllm_index.pipelines.update as update
 
     gallery = tmp_path / "gallery"
     for key, data in list(views(4).items()):
@@ -120,5 +120,5 @@ def test_a_failed_update_leaves_the_live_version_serving_and_a_rerun_finishes(ra
     assert not index.exists("LOCK.json")  # the lock was released on the way out
     monkeypatch.undo()
     summary = run_update(config(gallery, tmp_path / "index", None))
-    assert summary["resumed"] and summary["version"] == "v000002" and summary["images_processed_this_run"] == 0
+    assert summary.build.resumed and summary.build.version == "v000002" and summary.build.images_processed_this_run == 0
     assert IndexSearcher(index.uri).ntotal == 9  # the embedded image from the failed run was kept, not redone

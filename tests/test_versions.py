@@ -6,14 +6,14 @@ import time
 import numpy as np
 import pytest
 
-from configs.schema import IndexJobConfig, load_config
-from pipelines.index import run_index
-from storage.lock import LOCK, IndexLock, LockHeld
-from storage.search import IndexSearcher
-from storage.shard_store import publish_vectors
-from storage.synthetic import clustered_vectors
-from storage.uris import Location
-from storage.versions import read_latest, rollback, version_table
+from mllm_index.configs.schema import IndexJobConfig, load_config
+from mllm_index.pipelines.index import run_index
+from mllm_index.storage.lock import LOCK, IndexLock, LockHeld
+from mllm_index.storage.search import IndexSearcher
+from mllm_index.storage.shard_store import publish_vectors
+from mllm_index.storage.synthetic import clustered_vectors
+from mllm_index.storage.uris import Location
+from mllm_index.storage.versions import read_latest, rollback, version_table
 
 
 def test_lock_refuses_a_second_writer_and_is_taken_over_after_expiry(tmp_path):
@@ -78,7 +78,7 @@ def test_readers_see_a_whole_version_while_new_ones_publish(tmp_path):
         while not stop.is_set():
             try:
                 searcher = IndexSearcher(index.uri)
-                seen.append((searcher.version, searcher.ntotal, searcher.manifest["counts"]["indexed"], len(searcher.ids)))
+                seen.append((searcher.version, searcher.ntotal, searcher.manifest.counts.indexed, len(searcher.ids)))
             except Exception as exc:  # a half-published version would show up here
                 errors.append(exc)
 
@@ -93,8 +93,8 @@ def test_readers_see_a_whole_version_while_new_ones_publish(tmp_path):
 
 
 def test_garbage_collection_keeps_live_newest_and_leased_versions(tmp_path):
-    from storage.lock import ReadLease, leased_versions
-    from storage.versions import begin_version, collect_garbage
+    from mllm_index.storage.lock import ReadLease, leased_versions
+    from mllm_index.storage.versions import begin_version, collect_garbage
 
     index = Location(str(tmp_path / "idx"))
     names = [publish(index, 200, seed) for seed in range(1, 6)]  # v1..v5, v5 live
@@ -119,7 +119,7 @@ def test_garbage_collection_keeps_live_newest_and_leased_versions(tmp_path):
 def test_retention_setting_runs_after_each_publish(ray_session, tiny_dinov2, tmp_path):
     from pathlib import Path
 
-    from pipelines.demo import bundled_photos
+    from mllm_index.pipelines.demo import bundled_photos
 
     gallery = Path(tmp_path / "g")
     gallery.mkdir()
@@ -130,5 +130,5 @@ def test_retention_setting_runs_after_each_publish(ray_session, tiny_dinov2, tmp
         cfg = load_config(IndexJobConfig, None, {"source.uri": str(gallery), "index.uri": str(tmp_path / "idx"),
                                                  "model.name": tiny_dinov2}, sets + [f"run.seed={run}"])
         summary = run_index(cfg)
-    assert summary["garbage_collected"] == ["v000001"]
+    assert summary.garbage_collected == ["v000001"]
     assert [r["version"] for r in version_table(Location(str(tmp_path / "idx")))] == ["v000002", "v000003"]
