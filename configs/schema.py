@@ -55,6 +55,7 @@ class DecodeConfig(Section):
     max_bytes: int = Field(64 * 2**20, gt=0)
     batch_size: int = Field(64, gt=0)
     num_cpus: float = Field(0.5, gt=0)
+    timeout_s: float | None = Field(30.0, gt=0)  # one image's decode past this is a `decode_timeout` failure; None: no limit
 
 
 class EmbedConfig(Section):
@@ -81,13 +82,23 @@ class IndexConfig(Section):
 
 class RunConfig(Section):
     part_size: int = Field(4096, gt=0)  # images per resumable unit of work
-    ray_address: str | None = None  # None: $RAY_ADDRESS, else a local Ray instance
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a new local Ray; "auto" or host:port joins a cluster
+    connect_timeout_s: float = Field(60.0, gt=0)  # joining a cluster that does not answer within this fails
     seed: int = 0
+
+
+class RetryConfig(Section):
+    """One retry policy for every storage call, in the driver and in the workers."""
+
+    attempts: int = Field(5, ge=1)  # tries per call, the first included
+    base_delay: float = Field(0.2, ge=0)  # seconds before the first retry; doubles each time, with jitter
+    max_delay: float = Field(10.0, ge=0)  # cap on one pause
 
 
 class StorageConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict)  # fsspec storage_options, e.g. {endpoint_url: ...}
     allowed_roots: list[str] = Field(default_factory=list)  # when set, every URI must be under one of them
+    retry: RetryConfig = Field(default_factory=RetryConfig)
 
     @field_validator("options")
     @classmethod
@@ -172,7 +183,8 @@ class RerankerConfig(Section):
 class RerankRunConfig(Section):
     part_size: int = Field(256, gt=0)  # queries per result part (the resumable unit)
     run_id: str | None = None  # None: derived from the settings
-    ray_address: str | None = None
+    ray_address: str | None = None  # as in the index job's run.ray_address
+    connect_timeout_s: float = Field(60.0, gt=0)
 
 
 class RerankJobConfig(Section):

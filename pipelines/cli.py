@@ -5,33 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 
+from mllm_index.pipelines.cluster import init_ray
 from mllm_index.configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, UpdateOptions, load_config
 from mllm_index.storage.uris import Location, StorageError, find_credential_options, redact_text
 
 EXIT_FAILED, EXIT_CONFIG = 1, 2
-
-
-# Where storage and models live, not who may read them: forwarded to the job's workers, which
-# may belong to a cluster started with another environment. Credentials are never forwarded
-# (they would be stored in Ray's job table); workers get them from their own environment or role.
-FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-                 "HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")
-
-
-def init_ray(address: str | None) -> None:
-    """Join the cluster of a `ray job submit` ($RAY_ADDRESS) or a given one; else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    ray.init(address=address, include_dashboard=False if not address else None, logging_level=logging.WARNING,
-             ignore_reinit_error=True, runtime_env={"env_vars": env_vars} if env_vars else None)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -184,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(IndexJobConfig, args.config, {"source.uri": args.source, "index.uri": args.index,
                                                             "model.name": args.model}, args.overrides).require()
-            init_ray(cfg.run.ray_address)
+            init_ray(cfg.run.ray_address, cfg.run.connect_timeout_s)
             _print_summary(run_index(cfg), args.json, format_index)
         elif args.command == "rerank":
             from mllm_index.pipelines.rerank import run_rerank
@@ -194,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              "output_uri": args.output, "reranker.model": args.model,
                                                              "search.top_k": args.top_k, "reranker.depth": args.depth},
                               args.overrides).require()
-            init_ray(cfg.run.ray_address)
+            init_ray(cfg.run.ray_address, cfg.run.connect_timeout_s)
             _print_summary(run_rerank(cfg), args.json, format_rerank)
         elif args.command == "evaluate":
             from mllm_index.pipelines.evaluate import evaluate, format_report
@@ -221,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(IndexJobConfig, args.config, {"source.uri": args.source, "index.uri": args.index}, args.overrides)
             options = load_config(UpdateOptions, None, {"retrain": args.retrain, "retrain_factor": args.retrain_factor})
-            init_ray(cfg.run.ray_address)
+            init_ray(cfg.run.ray_address, cfg.run.connect_timeout_s)
             _print_summary(run_update(cfg, options), args.json, format_update)
         elif args.command == "versions":
             from mllm_index.storage.versions import version_table

@@ -22,7 +22,7 @@ def run_demo(workdir: str, model: str | None = None, reranker_model: str | None 
     from mllm_index.actors.classic import SIFT_RANSAC, SIFT_VLAD
     from mllm_index.actors.registry import reranker_kind
     from mllm_index.configs.schema import IndexJobConfig, RerankJobConfig, load_config
-    from mllm_index.pipelines.cli import init_ray
+    from mllm_index.pipelines.cluster import init_ray
     from mllm_index.pipelines.demo_set import write_demo_set
     from mllm_index.pipelines.evaluate import evaluate, format_report
     from mllm_index.pipelines.index import run_index
