@@ -17,6 +17,7 @@ from PIL import Image
 
 from mllm_index.actors.embed import PixelEmbedder
 from mllm_index.storage.contracts import FileRef, ModelSpec, Preprocessing, version_file
+from mllm_index.storage.integrity import digest
 
 SIFT_VLAD, SIFT_RANSAC = "classic:sift-vlad", "classic:sift-ransac"
 CODEBOOK = "classic/vlad_codebook.npy"
@@ -101,12 +102,14 @@ def project(vectors: np.ndarray, pca: np.ndarray) -> np.ndarray:
 class VladEmbedImages(PixelEmbedder):
     """The SIFT-VLAD embedder, with the Ray Data interface of `EmbedImages`."""
 
-    def __init__(self, codebook_uri: str, storage_options: dict, fill, max_features: int = 500,
-                 pca_uri: str | None = None, **_ignored):
+    def __init__(self, index_uri: str, codebook: FileRef, storage_options: dict, fill, max_features: int = 500,
+                 pca: FileRef | None = None):
+        from mllm_index.storage.integrity import read_verified
         from mllm_index.storage.uris import Location
 
-        self.centroids = codebook_from_bytes(Location(codebook_uri, storage_options).read_bytes())
-        self.pca = codebook_from_bytes(Location(pca_uri, storage_options).read_bytes()) if pca_uri else None
+        index = Location(index_uri, storage_options)
+        self.centroids = codebook_from_bytes(read_verified(index, codebook))
+        self.pca = codebook_from_bytes(read_verified(index, pca)) if pca else None
         self.fill, self.max_features = tuple(fill), max_features
         self.dim = self.centroids.size if self.pca is None else len(self.pca) - 1
 
@@ -167,10 +170,8 @@ def fit_vlad_files(version, version_name: str, entries: list[dict], spec: ModelS
                     "max_features": 500, "storage_options": storage_options, "image_column": image_column,
                     "seed": seed, "pca_dim": s.get("pca_dim")}
         fit_vlad_codebook(version, entries, settings)
-    files = {"codebook": FileRef(path=version_file(version_name, CODEBOOK))}
-    if s.get("pca_dim"):
-        files["pca"] = FileRef(path=version_file(version_name, PCA))
-    return files
+    names = {"codebook": CODEBOOK, **({"pca": PCA} if s.get("pca_dim") else {})}
+    return {key: digest(version_file(version_name, name), version.read_bytes(name)) for key, name in names.items()}
 
 
 def fit_vlad_codebook(version, entries: list[dict], settings: dict) -> dict:

@@ -78,10 +78,6 @@ def model_kinds() -> dict[str, list[str]]:
     return {"embedders": sorted(EMBEDDERS), "rerankers": sorted(RERANKERS)}
 
 
-def file_uri(index_uri: str, ref: FileRef) -> str:
-    return f"{index_uri.rstrip('/')}/{ref.path}"
-
-
 # -- transformers checkpoints ------------------------------------------------------------------
 def _transformers_preprocessing(name: str, image_size: int | None) -> Preprocessing:
     from mllm_index.actors.embed import load_preprocessing
@@ -105,9 +101,8 @@ def _mllm_scorer(r: dict) -> Scorer:
 
 # -- classic local features (extra `classic`) --------------------------------------------------
 def _vlad_kwargs(spec: ModelSpec, prep: Preprocessing, ctx: EmbedContext) -> dict:
-    pca = spec.files.get("pca")
-    return dict(codebook_uri=file_uri(ctx.index_uri, spec.files["codebook"]), storage_options=ctx.storage_options,
-                fill=prep.fill, pca_uri=file_uri(ctx.index_uri, pca) if pca else None)
+    return dict(index_uri=ctx.index_uri, codebook=spec.files["codebook"], pca=spec.files.get("pca"),
+                storage_options=ctx.storage_options, fill=prep.fill)
 
 
 def _register_builtins() -> None:

@@ -23,11 +23,11 @@ from mllm_index.pipelines.stages import actor_resources, decode_and_embed, plan_
 from mllm_index.pipelines.summaries import IndexSummary
 from mllm_index.storage.catalog import CATALOG_SCHEMA, FAILURE_SCHEMA, embeddings_table
 from mllm_index.storage.contracts import (Counts, FileRef, Manifest, ModelSpec, PartStats, Plan, Preprocessing,
-                                          SourceInfo, UpdateCounts, version_file, write_contract)
+                                          ShardRef, SourceInfo, TrainedRef, UpdateCounts, version_file, write_contract)
+from mllm_index.storage.integrity import absent_or_resized, check_present, write_parquet_ref
 from mllm_index.storage.faiss_store import default_factory, train_sample_size
 from mllm_index.storage.lock import IndexLock, leased_versions
-from mllm_index.storage.shard_store import (TRAINED, build_shard, finished_shard, part_file, train_version,
-                                            version_parts)
+from mllm_index.storage.shard_store import build_shard, finished_shard, part_file, train_version, trained_ref
 from mllm_index.storage.uris import Location, redact
 from mllm_index.storage.versions import collect_garbage, publish
 
@@ -85,19 +85,30 @@ class Embedded:
 
 
 # -- embed: stream parts through decode and embed actors ----------------------------------
-def write_index_part(version: Location, part: int, cols: dict[str, np.ndarray]) -> PartStats:
+def write_part_files(index: Location, version_name: str, part: int, tables: dict[str, pa.Table]) -> dict[str, FileRef]:
+    """A part's embeddings / catalog / failures files, each with its size and checksum."""
+    return {kind: write_parquet_ref(index, version_file(version_name, kind, part_file(part)), table)
+            for kind, table in tables.items()}
+
+
+def write_index_part(index: Location, version_name: str, part: int, cols: dict[str, np.ndarray]) -> PartStats:
     """Embeddings, catalog rows and failures of one finished part; the stats marker comes last."""
     ok = cols["ok"].astype(bool)
-    version.write_parquet(embeddings_table(cols["image_id"][ok], cols["embedding"][ok]), "embeddings", part_file(part))
-    catalog = {f.name: cols[f.name][ok] for f in CATALOG_SCHEMA}
-    version.write_parquet(pa.table(catalog, schema=CATALOG_SCHEMA), "catalog", part_file(part))
     bad = ~ok
-    failures = {f.name: cols[f.name][bad] for f in FAILURE_SCHEMA}
-    version.write_parquet(pa.table(failures, schema=FAILURE_SCHEMA), "failures", part_file(part))
+    files = write_part_files(index, version_name, part, {
+        "embeddings": embeddings_table(cols["image_id"][ok], cols["embedding"][ok]),
+        "catalog": pa.table({f.name: cols[f.name][ok] for f in CATALOG_SCHEMA}, schema=CATALOG_SCHEMA),
+        "failures": pa.table({f.name: cols[f.name][bad] for f in FAILURE_SCHEMA}, schema=FAILURE_SCHEMA)})
     stats = PartStats(part=part, rows=int(len(ok)), indexed=int(ok.sum()), failed=int(bad.sum()),
-                      errors=dict(Counter(cols["error_type"][bad].tolist())), dim=int(cols["embedding"].shape[1]))
-    write_contract(version, stats, "stats", part_file(part, "json"))  # the part's done marker
+                      errors=dict(Counter(cols["error_type"][bad].tolist())), dim=int(cols["embedding"].shape[1]), files=files)
+    write_contract(index.child("versions", version_name), stats, "stats", part_file(part, "json"))  # the part's done marker
     return stats
+
+
+def lost_parts(build: VersionBuild, parts: dict[int, PartStats]) -> set[int]:
+    """Finished parts whose files are gone or changed since their marker was written: redone on resume."""
+    owner = {ref.path: p for p, s in parts.items() for ref in s.files.values()}
+    return {owner[ref.path] for ref, _ in absent_or_resized(build.index, [r for s in parts.values() for r in s.files.values()])}
 
 
 def embed_todo(build: VersionBuild, plan: Plan, content: VersionContent) -> Embedded:
@@ -105,6 +116,8 @@ def embed_todo(build: VersionBuild, plan: Plan, content: VersionContent) -> Embe
     version, cfg = build.folder, build.cfg
     with build.stage("decode_embed"):
         done = finished_parts(version, PartStats)
+        for part in lost_parts(build, done):
+            del done[part]  # its marker stays until the redo overwrites it
         todo = [p for p in range(plan.parts) if p not in done]
         result = Embedded(done)
         if todo:
@@ -112,7 +125,7 @@ def embed_todo(build: VersionBuild, plan: Plan, content: VersionContent) -> Embe
 
             def write(part: int, cols: dict) -> PartStats:
                 build.lock.renew()  # before writing: a run whose lock was taken over must not write
-                return write_index_part(version, part, cols)
+                return write_index_part(build.index, build.name, part, cols)
 
             writer = PartCollector({p: t.num_rows for p, t in zip(todo, tables)}, write)
             res = actor_resources(cfg.embed, "embed")
@@ -134,17 +147,18 @@ def embed_todo(build: VersionBuild, plan: Plan, content: VersionContent) -> Embe
 
 
 # -- build: train once, fill shards in parallel ------------------------------------------
-def build_index(build: VersionBuild, parts: dict[int, PartStats], factory: str, train: bool):
-    """(training points, shard refs): trains trained.faiss unless `train` is False, then fills every shard."""
+def build_index(build: VersionBuild, parts: dict[int, PartStats], factory: str) -> tuple[TrainedRef, list[ShardRef]]:
+    """Trains trained.faiss unless the version has one (resumed, or copied by an update), then fills every shard."""
     cfg = build.cfg
     counts = {p: s.indexed for p, s in parts.items()}
     gpus = ray.cluster_resources().get("GPU", 0) if cfg.index.use_gpu else 0
     task_gpus = 1 if gpus >= 1 else 0
-    train_points = 0
-    if train and not build.folder.exists(TRAINED):
+    trained = trained_ref(build.index, build.name)
+    if trained is None:
         sample = train_sample_size(factory, sum(counts.values()), cfg.index.train_sample_max)
         task = ray.remote(num_cpus=1, num_gpus=task_gpus)(train_version)
-        train_points = ray.get(task.remote(build.folder, counts, factory, cfg.index.metric, sample, cfg.run.seed, task_gpus > 0))
+        trained = ray.get(task.remote(build.index, build.name, counts, factory, cfg.index.metric, sample, cfg.run.seed,
+                                      task_gpus > 0))
     order = sorted(counts)
     per_shard = max(1, cfg.index.shard_size // cfg.run.part_size)
     groups = [order[i : i + per_shard] for i in range(0, len(order), per_shard)]
@@ -155,7 +169,7 @@ def build_index(build: VersionBuild, parts: dict[int, PartStats], factory: str, 
         if shards[s] is None:
             pending[s] = shard_task.remote(build.index, build.name, s, group, task_gpus > 0)
     shards.update(zip(pending, ray.get(list(pending.values()))))
-    return train_points, [shards[s] for s in sorted(shards)]
+    return trained, [shards[s] for s in sorted(shards)]
 
 
 def publish_version(build: VersionBuild, plan: Plan, embedded: Embedded, content: VersionContent) -> IndexSummary:
@@ -180,10 +194,10 @@ def publish_version(build: VersionBuild, plan: Plan, embedded: Embedded, content
     dim = max(s.dim for s in parts.values())
     factory = content.factory or (cfg.index.factory if cfg.index.factory != "auto" else default_factory(counts.indexed, dim))
     with build.stage("train_add"):
-        train_points, shards = build_index(build, parts, factory, train=content.factory is None)
+        trained, shards = build_index(build, parts, factory)
     index_bytes = sum(s.file.bytes or 0 for s in shards)
     summary = summary.model_copy(update=dict(
-        factory=factory, dim=dim, metric=cfg.index.metric, train_points=train_points, shards=len(shards),
+        factory=factory, dim=dim, metric=cfg.index.metric, train_points=trained.train_points, shards=len(shards),
         index_bytes=index_bytes, index_bytes_per_vector=index_bytes / counts.indexed, flat_float32_bytes_per_vector=4 * dim))
     order = sorted(parts)
     manifest = Manifest(
@@ -191,13 +205,17 @@ def publish_version(build: VersionBuild, plan: Plan, embedded: Embedded, content
         model=content.model, preprocessing=content.prep, source=content.source, dim=dim, metric=cfg.index.metric,
         factory=factory, nprobe=cfg.index.nprobe, rescore=cfg.index.rescore, counts=counts,
         trained_on=content.trained_on if content.factory else counts.indexed,
-        trained=FileRef(path=version_file(build.name, TRAINED)), shards=shards,
-        embeddings=version_parts(build.name, "embeddings", order), catalog=version_parts(build.name, "catalog", order),
-        failures=[FileRef(path=version_file(build.name, "failures", "listing.parquet"))]
-        + version_parts(build.name, "failures", order),
+        trained=trained.file, shards=shards, embeddings=part_refs(build.name, parts, order, "embeddings"),
+        catalog=part_refs(build.name, parts, order, "catalog"),
+        failures=[plan.listing_failures or FileRef(path=version_file(build.name, "failures", "listing.parquet"))]
+        + part_refs(build.name, parts, order, "failures"),
         update=content.update,
     )
     with build.stage("publish"):
+        problems = check_present(build.index, manifest.files())
+        if problems:  # e.g. a part deleted or overwritten under the job: never publish a version that does not verify
+            raise JobError(f"not publishing {build.name}: {len(problems)} referenced file(s) do not verify: "
+                           + "; ".join(problems[:5]))
         build.lock.renew()
         write_contract(version, _finished(summary, build), "stats.json")
         publish(build.index, manifest)
@@ -205,6 +223,12 @@ def publish_version(build: VersionBuild, plan: Plan, embedded: Embedded, content
             deleted = collect_garbage(build.index, cfg.index.keep_versions, leased_versions(build.index))["deleted"]
             summary = summary.model_copy(update={"garbage_collected": deleted})
     return _finished(summary.model_copy(update={"published": True}), build)
+
+
+def part_refs(version_name: str, parts: dict[int, PartStats], order: list[int], kind: str) -> list[FileRef]:
+    """The parts' files of one kind as their writers recorded them (with checksums); a marker written
+    before checksums existed gives a reference by path only, verified by size and structure."""
+    return [parts[p].files.get(kind) or FileRef(path=version_file(version_name, kind, part_file(p))) for p in order]
 
 
 def _finished(summary: IndexSummary, build: VersionBuild) -> IndexSummary:

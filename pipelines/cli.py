@@ -116,6 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version", help="a published version, e.g. v000003")
     _add_storage_args(p)
 
+    p = sub.add_parser("verify", help="check every file of an index version and that its counts reconcile",
+                       description="Read every file a version's manifest references, check its size and sha256 (versions "
+                       "written before checksums: size and structure), parse it (FAISS indexes, Parquet parts, codebooks), "
+                       "and check that the counts reconcile (vectors in the shards = embeddings rows = catalog rows = "
+                       "indexed; failure rows = failed; seen = indexed + failed + skipped). Exit 0 if everything verifies, "
+                       "1 otherwise.")
+    p.add_argument("index", help="index root URI")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--version", help="the version to verify (default: the live one)")
+    which.add_argument("--all", action="store_true", help="verify every published version")
+    _add_storage_args(p)
+
     p = sub.add_parser("gc", help="delete old index versions (never the live one or a leased one)",
                        description="Delete published versions beyond the newest --keep, except the live version and any "
                        "version a running reader (a rerank job) holds a lease on, and abandoned unpublished folders older "
@@ -226,6 +238,13 @@ def main(argv: list[str] | None = None) -> int:
                 result = collect_garbage(index, args.keep, leased_versions(index))
             print(json.dumps(result) if args.json else f"deleted: {', '.join(result['deleted']) or 'nothing'}; "
                                                         f"kept: {', '.join(result['kept'])}")
+        elif args.command == "verify":
+            from mllm_index.storage.verify import format_checks, verify_version, versions_to_verify
+
+            index = Location(args.index, _storage_options(args.storage_options))
+            checks = [verify_version(index, v) for v in versions_to_verify(index, args.version, args.all)]
+            print(json.dumps([vars(c) for c in checks], indent=2) if args.json else format_checks(index, checks))
+            return 0 if all(c.ok for c in checks) else EXIT_FAILED
         elif args.command == "demo":
             from mllm_index.pipelines.demo import run_demo
 

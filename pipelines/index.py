@@ -19,7 +19,7 @@ from mllm_index.pipelines.build import (JobError, VersionBuild, VersionContent, 
                                         publish_version)
 from mllm_index.pipelines.parts import load_or_make_plan, plan_table
 from mllm_index.pipelines.summaries import IndexSummary
-from mllm_index.storage.contracts import FileRef, ModelSpec, Plan, SourceInfo
+from mllm_index.storage.contracts import FileRef, ModelSpec, Plan, SourceInfo, version_file
 from mllm_index.storage.lock import IndexLock
 from mllm_index.storage.sources import SourceSpec
 from mllm_index.storage.uris import Location, check_under_roots, redact
@@ -79,7 +79,7 @@ def _run_index_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock) -> 
     build = VersionBuild(index, name, resumed, cfg, lock)
     log.info("%s version %s of %s", "resuming" if resumed else "building", name, redact(index.uri))
     with build.stage("list"):
-        plan = load_or_make_plan(build.folder, spec, cfg.run.part_size)
+        plan = load_or_make_plan(build.folder, spec, cfg.run.part_size, ref_prefix=version_file(name))
     model = model.model_copy(update={"files": fit_model_files(build, plan, model, prep)})
     content = VersionContent(model, prep, SourceInfo(uri=redact(spec.location().uri), format=cfg.source.format))
     return publish_version(build, plan, embed_todo(build, plan, content), content)

@@ -19,6 +19,7 @@ import ray
 
 from mllm_index.storage.catalog import FAILURE_SCHEMA
 from mllm_index.storage.contracts import Contract, Plan, UpdateCounts, read_contract, write_contract
+from mllm_index.storage.integrity import digest, parquet_bytes
 from mllm_index.storage.shard_store import part_file
 from mllm_index.storage.sources import SourceSpec, assign_ids, list_source, scan_container
 from mllm_index.storage.uris import Location, redact_text
@@ -43,29 +44,33 @@ def list_entries(spec: SourceSpec) -> tuple[pa.Table, list[dict], Counter]:
 
 def write_plan(dest: Location, table: pa.Table, failures: list[dict], skipped: Counter, part_size: int,
                failure_schema: pa.Schema = FAILURE_SCHEMA, seen: int | None = None,
-               update: UpdateCounts | None = None) -> Plan:
+               update: UpdateCounts | None = None, ref_prefix: str | None = None) -> Plan:
     """Cut entries into parts and save them; plan/plan.json is written last (the plan's done marker).
 
     Listing failures go to failures/listing.parquet in the job's failure schema, so the whole
-    failures/ folder reads as one table (a query job's failures also carry `query_id`).
+    failures/ folder reads as one table (a query job's failures also carry `query_id`). `ref_prefix`
+    (`versions/vNNNNNN` for an index version) makes the plan record that file's reference for the manifest.
     """
     n_parts = -(-table.num_rows // part_size)  # no entries, no parts
     for p in range(n_parts):
         part = table.slice(p * part_size, part_size)
         dest.write_parquet(part.append_column("part", pa.array(np.full(part.num_rows, p, np.int32))), "plan", part_file(p))
     rows = [dict(f, query_id=f["image_id"]) for f in failures] if "query_id" in failure_schema.names else failures
-    dest.write_parquet(pa.Table.from_pylist(rows, schema=failure_schema), "failures", "listing.parquet")
-    plan = Plan(parts=n_parts, entries=table.num_rows, skipped=dict(skipped), list_failures=len(failures),
+    data = parquet_bytes(pa.Table.from_pylist(rows, schema=failure_schema))
+    dest.write_bytes(data, "failures", "listing.parquet")
+    listing = digest(f"{ref_prefix}/failures/listing.parquet", data) if ref_prefix else None
+    plan = Plan(listing_failures=listing, parts=n_parts, entries=table.num_rows, skipped=dict(skipped), list_failures=len(failures),
                 list_errors=dict(Counter(f["error_type"] for f in failures)), update=update,
                 seen=seen if seen is not None else table.num_rows + len(failures) + sum(skipped.values()))
     write_contract(dest, plan, "plan", PLAN)
     return plan
 
 
-def make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA) -> Plan:
+def make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA,
+              ref_prefix: str | None = None) -> Plan:
     """List the source, cut it into parts, save it."""
     table, failures, skipped = list_entries(spec)
-    return write_plan(dest, table, failures, skipped, part_size, failure_schema)
+    return write_plan(dest, table, failures, skipped, part_size, failure_schema, ref_prefix=ref_prefix)
 
 
 def read_plan(dest: Location) -> Plan | None:
@@ -73,8 +78,9 @@ def read_plan(dest: Location) -> Plan | None:
     return read_contract(dest, Plan, "plan", PLAN) if dest.exists("plan", PLAN) else None
 
 
-def load_or_make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA) -> Plan:
-    return read_plan(dest) or make_plan(dest, spec, part_size, failure_schema)
+def load_or_make_plan(dest: Location, spec: SourceSpec, part_size: int, failure_schema: pa.Schema = FAILURE_SCHEMA,
+                      ref_prefix: str | None = None) -> Plan:
+    return read_plan(dest) or make_plan(dest, spec, part_size, failure_schema, ref_prefix)
 
 
 def _scan_or_fail(uri: str, kind: str, etag: str, spec: SourceSpec):

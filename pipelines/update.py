@@ -24,14 +24,16 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mllm_index.configs.schema import ConfigError, IndexJobConfig, UpdateOptions
-from mllm_index.pipelines.build import JobError, VersionBuild, VersionContent, embed_todo, publish_version
+from mllm_index.pipelines.build import (JobError, VersionBuild, VersionContent, embed_todo, lost_parts,
+                                        publish_version, write_part_files)
 from mllm_index.pipelines.index import check_roots, source_spec
 from mllm_index.pipelines.parts import finished_parts, list_entries, read_plan, write_plan
 from mllm_index.pipelines.summaries import UpdateSummary
 from mllm_index.storage.catalog import FAILURE_SCHEMA
 from mllm_index.storage.contracts import FileRef, Manifest, PartStats, SourceInfo, UpdateCounts, version_file, write_contract
 from mllm_index.storage.lock import IndexLock
-from mllm_index.storage.shard_store import TRAINED, part_file
+from mllm_index.storage.integrity import read_verified, read_verified_parquet, write_ref
+from mllm_index.storage.shard_store import copy_trained, part_file, trained_ref
 from mllm_index.storage.uris import Location, redact
 from mllm_index.storage.versions import begin_version, fingerprint, read_latest, read_manifest
 
@@ -52,33 +54,32 @@ def diff(entries: pa.Table, live: pa.Table) -> tuple[pa.Table, np.ndarray, Updat
     return todo, removed, counts
 
 
-def carry_over(index: Location, manifest: Manifest, version: Location, first_part: int, removed: np.ndarray) -> None:
-    """Copy the live parts into the new version as parts first_part.., without the removed ids."""
+def carry_over(index: Location, manifest: Manifest, name: str, first_part: int, removed: np.ndarray,
+               done: set[int]) -> None:
+    """Copy the live parts (verified) into the new version as parts first_part.., without the removed ids."""
+    version = index.child("versions", name)
     drop = pa.array(removed, pa.int64())
     for j, (catalog, embeddings) in enumerate(zip(manifest.catalog, manifest.embeddings)):
         part = first_part + j
-        if version.exists("stats", part_file(part, "json")):
+        if part in done:
             continue  # done before an interruption
         kept = {}
         for kind, ref in (("catalog", catalog), ("embeddings", embeddings)):
-            table = index.read_parquet(ref.path)
+            table = read_verified_parquet(index, ref)
             kept[kind] = table.filter(pc.invert(pc.is_in(table.column("image_id"), value_set=drop)))
-            version.write_parquet(kept[kind], kind, part_file(part))
-        version.write_parquet(pa.Table.from_pylist([], schema=FAILURE_SCHEMA), "failures", part_file(part))
+        kept["failures"] = pa.Table.from_pylist([], schema=FAILURE_SCHEMA)
+        files = write_part_files(index, name, part, kept)
         rows = kept["embeddings"].num_rows
         write_contract(version, PartStats(part=part, rows=rows, indexed=rows, failed=0, dim=manifest.dim,
-                                          carried_from=catalog.path), "stats", part_file(part, "json"))
+                                          carried_from=catalog.path, files=files), "stats", part_file(part, "json"))
 
 
 def copy_model_files(index: Location, manifest: Manifest, name: str) -> dict[str, FileRef]:
     """The embedder's per-version files, copied into the new version so that it stands alone."""
     files = {}
     for key, ref in manifest.model.files.items():
-        inside = posixpath.relpath(ref.path, version_file(manifest.version))
-        version = index.child("versions", name)
-        if not version.exists(inside):
-            version.write_bytes(index.read_bytes(ref.path), inside)
-        files[key] = FileRef(path=version_file(name, inside))
+        path = version_file(name, posixpath.relpath(ref.path, version_file(manifest.version)))
+        files[key] = write_ref(index, path, read_verified(index, ref))
     return files
 
 
@@ -114,12 +115,12 @@ def _update_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock, option
             removed = build.folder.read_parquet("update", "removed.parquet").column("image_id").to_numpy()
         else:
             entries, failures, skipped = list_entries(spec)
-            live_catalog = pa.concat_tables([index.read_parquet(ref.path, columns=["image_id", "key", "etag", "length"])
+            live_catalog = pa.concat_tables([read_verified_parquet(index, ref, columns=["image_id", "key", "etag", "length"])
                                              for ref in manifest.catalog])
             todo, removed, counts = diff(entries, live_catalog)
             build.folder.write_parquet(pa.table({"image_id": pa.array(removed, pa.int64())}), "update", "removed.parquet")
-            plan = write_plan(build.folder, todo, failures, skipped, cfg.run.part_size,
-                              seen=entries.num_rows + len(failures) + sum(skipped.values()), update=counts)
+            plan = write_plan(build.folder, todo, failures, skipped, cfg.run.part_size, update=counts,
+                              seen=entries.num_rows + len(failures) + sum(skipped.values()), ref_prefix=version_file(name))
     changes = plan.update
     if not (changes.added or changes.changed or changes.deleted or options.retrain):
         build.folder.delete()  # nothing to publish: the live version already is the gallery
@@ -132,12 +133,13 @@ def _update_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock, option
     content = VersionContent(model, manifest.preprocessing, source, update=changes, live_before=live)
     embedded = embed_todo(build, plan, content)
     with build.stage("carry_over"):
-        carry_over(index, manifest, build.folder, plan.parts, removed)
+        finished = finished_parts(build.folder, PartStats)
+        carry_over(index, manifest, name, plan.parts, removed, set(finished) - lost_parts(build, finished))
     embedded.parts = finished_parts(build.folder, PartStats)  # own parts and carried-over ones
     total = sum(s.indexed for s in embedded.parts.values())
     if not (options.retrain or total > options.retrain_factor * manifest.trained_on):
-        if not build.folder.exists(TRAINED):
-            build.folder.write_bytes(index.read_bytes(manifest.trained.path), TRAINED)
+        if trained_ref(index, name) is None:
+            copy_trained(index, manifest.trained, name)
         content = VersionContent(model, manifest.preprocessing, source, factory=manifest.factory,
                                  trained_on=manifest.trained_on, update=changes, live_before=live)
     built = publish_version(build, plan, embedded, content)

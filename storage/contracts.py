@@ -186,6 +186,7 @@ def _describe(exc: Exception) -> str:
 class Plan(Contract):
     """What a run will process, cut into parts; `plan/plan.json` is written last (the plan's marker)."""
 
+    listing_failures: FileRef | None = None  # failures/listing.parquet, as written
     parts: int = Field(ge=0)
     entries: int = Field(ge=0)
     skipped: dict[str, int] = Field(default_factory=dict)  # by extension
@@ -205,6 +206,14 @@ class PartStats(Contract):
     errors: dict[str, int] = Field(default_factory=dict)
     dim: int = Field(ge=0)
     carried_from: str | None = None  # an update's part copied from the live version
+    files: dict[str, FileRef] = Field(default_factory=dict)  # embeddings, catalog, failures: as written, with digests
+
+
+class TrainedRef(Contract):
+    """`trained.json`, written after trained.faiss: its reference, and how many points it was trained on."""
+
+    file: FileRef
+    train_points: int = Field(0, ge=0)  # 0: copied from the live version, not trained here
 
 
 class QueryPartStats(Contract):

@@ -10,7 +10,8 @@ import numpy as np
 
 from mllm_index.storage.catalog import embeddings_from_table
 from mllm_index.storage.contracts import Manifest
-from mllm_index.storage.faiss_store import index_from_bytes, merge_topk, set_nprobe
+from mllm_index.storage.integrity import load_faiss_verified, read_verified_parquet
+from mllm_index.storage.faiss_store import merge_topk, set_nprobe
 from mllm_index.storage.uris import Location
 from mllm_index.storage.versions import read_latest, read_manifest
 
@@ -25,7 +26,7 @@ class IndexSearcher:
         self.manifest = read_manifest(self.location, self.version)
         self.metric = self.manifest.metric
         self.dim = self.manifest.dim
-        self.shards = [index_from_bytes(self.location.read_bytes(s.file.path)) for s in self.manifest.shards]
+        self.shards = [load_faiss_verified(self.location, s.file) for s in self.manifest.shards]
         self.ids = self.vectors = None
         if load_vectors:
             self._load_vectors()
@@ -33,7 +34,7 @@ class IndexSearcher:
     def _load_vectors(self) -> None:
         ids, vecs = [], []
         for ref in self.manifest.embeddings:
-            part_ids, part_vecs = embeddings_from_table(self.location.read_parquet(ref.path))
+            part_ids, part_vecs = embeddings_from_table(read_verified_parquet(self.location, ref))
             ids.append(part_ids)
             vecs.append(part_vecs)
         ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
@@ -95,7 +96,7 @@ class Catalog:
     def __init__(self, location: Location, manifest: Manifest):
         import pyarrow as pa
 
-        parts = [location.read_parquet(ref.path, columns=self.COLUMNS) for ref in manifest.catalog]
+        parts = [read_verified_parquet(location, ref, columns=self.COLUMNS) for ref in manifest.catalog]
         table = pa.concat_tables(parts).sort_by("image_id") if parts else None
         self.columns = {c: (table.column(c).to_numpy(zero_copy_only=False) if table is not None else np.zeros(0))
                         for c in self.COLUMNS}

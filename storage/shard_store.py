@@ -1,6 +1,7 @@
 """Build one index version's FAISS files from its float16 embeddings parts.
 
-`train_version` writes `trained.faiss`; `build_shard` writes `shards/shard-NNNNN.faiss`
+`train_version` writes `trained.faiss` and then `trained.json` (its `TrainedRef`); `build_shard`
+writes `shards/shard-NNNNN.faiss`
 and then `shards/shard-NNNNN.json` (its `ShardRef`), whose presence marks the shard done (so a
 re-run rebuilds only shards without a marker). Plain functions: the job runs them as
 Ray tasks, a test or a notebook can call them directly.
@@ -11,11 +12,12 @@ from __future__ import annotations
 import numpy as np
 
 from mllm_index.storage.catalog import embeddings_from_table
-from mllm_index.storage.contracts import FileRef, ShardRef, read_contract, version_file, write_contract
+from mllm_index.storage.contracts import FileRef, ShardRef, TrainedRef, read_contract, version_file, write_contract
+from mllm_index.storage.integrity import digest, read_verified
 from mllm_index.storage.faiss_store import add_vectors, index_from_bytes, index_to_bytes, train_index
 from mllm_index.storage.uris import Location
 
-TRAINED = "trained.faiss"
+TRAINED, TRAINED_REF = "trained.faiss", "trained.json"
 
 
 def part_file(part: int, ext: str = "parquet") -> str:
@@ -40,13 +42,36 @@ def sample_vectors(version: Location, part_counts: dict[int, int], sample_size: 
     return np.concatenate(chunks).astype(np.float32)
 
 
-def train_version(version: Location, part_counts: dict[int, int], factory: str, metric: str, sample_size: int,
-                  seed: int, use_gpu: bool) -> int:
-    """Train the empty index shared by every shard; returns the number of training points."""
+def train_version(index: Location, version_name: str, part_counts: dict[int, int], factory: str, metric: str,
+                  sample_size: int, seed: int, use_gpu: bool) -> TrainedRef:
+    """Train the empty index shared by every shard; writes trained.faiss, then trained.json."""
+    version = index.child("versions", version_name)
     vectors = sample_vectors(version, part_counts, sample_size, seed)
-    index = train_index(factory, vectors, metric, use_gpu=use_gpu)
-    version.write_bytes(index_to_bytes(index), TRAINED)
-    return len(vectors)
+    data = index_to_bytes(train_index(factory, vectors, metric, use_gpu=use_gpu))
+    return _save_trained(index, version_name, data, len(vectors))
+
+
+def copy_trained(index: Location, source: FileRef, version_name: str) -> TrainedRef:
+    """Reuse a trained index (the live version's, for an update): verified, then copied into this version."""
+    return _save_trained(index, version_name, read_verified(index, source), 0)
+
+
+def _save_trained(index: Location, version_name: str, data: bytes, points: int) -> TrainedRef:
+    version = index.child("versions", version_name)
+    version.write_bytes(data, TRAINED)
+    ref = TrainedRef(file=digest(version_file(version_name, TRAINED), data), train_points=points)
+    write_contract(version, ref, TRAINED_REF)  # last: the training's done marker
+    return ref
+
+
+def trained_ref(index: Location, version_name: str) -> TrainedRef | None:
+    """The version's trained index, None before it exists (a run from before trained.json: digested now)."""
+    version = index.child("versions", version_name)
+    if version.exists(TRAINED_REF):
+        return read_contract(version, TrainedRef, TRAINED_REF)
+    if version.exists(TRAINED):
+        return TrainedRef(file=digest(version_file(version_name, TRAINED), version.read_bytes(TRAINED)))
+    return None
 
 
 def build_shard(index: Location, version_name: str, shard: int, parts: list[int], use_gpu: bool) -> ShardRef:
@@ -63,8 +88,8 @@ def build_shard(index: Location, version_name: str, shard: int, parts: list[int]
         filled = add_vectors(trained, np.concatenate(ids), np.concatenate(vecs).astype(np.float32), use_gpu=use_gpu)
     data = index_to_bytes(filled)
     version.write_bytes(data, "shards", shard_file(shard))
-    ref = ShardRef(file=FileRef(path=version_file(version_name, "shards", shard_file(shard)), bytes=len(data)),
-                   shard=shard, parts=parts, ntotal=int(filled.ntotal))
+    ref = ShardRef(file=digest(version_file(version_name, "shards", shard_file(shard)), data), shard=shard, parts=parts,
+                   ntotal=int(filled.ntotal))
     write_contract(version, ref, "shards", shard_file(shard, "json"))  # the shard's done marker
     return ref
 
@@ -87,23 +112,23 @@ def publish_vectors(index: Location, ids: np.ndarray, vectors: np.ndarray, facto
     from mllm_index.storage.catalog import embeddings_table
     from mllm_index.storage.contracts import Counts, Manifest
     from mllm_index.storage.faiss_store import train_sample_size
+    from mllm_index.storage.integrity import write_parquet_ref
     from mllm_index.storage.versions import begin_version, fingerprint, publish
 
     settings = {"factory": factory, "metric": metric, "n": int(len(ids)), "part_size": part_size}
     name, _ = begin_version(index, fingerprint(settings), settings)
-    version = index.child("versions", name)
-    counts = {}
+    counts, embedding_refs = {}, []
     for p, start in enumerate(range(0, len(ids), part_size)):
-        version.write_parquet(embeddings_table(ids[start : start + part_size], vectors[start : start + part_size]),
-                              "embeddings", part_file(p))
-        counts[p] = len(ids[start : start + part_size])
-    train_version(version, counts, factory, metric, train_sample_size(factory, len(ids), 1_000_000), seed=0, use_gpu=True)
+        table = embeddings_table(ids[start : start + part_size], vectors[start : start + part_size])
+        embedding_refs.append(write_parquet_ref(index, version_file(name, "embeddings", part_file(p)), table))
+        counts[p] = table.num_rows
+    trained = train_version(index, name, counts, factory, metric, train_sample_size(factory, len(ids), 1_000_000),
+                            seed=0, use_gpu=True)
     parts = sorted(counts)
     shards = [build_shard(index, name, s, parts[i : i + parts_per_shard], use_gpu=True)
               for s, i in enumerate(range(0, len(parts), parts_per_shard))]
     publish(index, Manifest(version=name, parent=index.read_json("versions", name, "run.json").get("parent"),
                             metric=metric, dim=int(vectors.shape[1]), factory=factory, shards=shards,
-                            counts=Counts(seen=len(ids), indexed=len(ids)), trained_on=len(ids),
-                            trained=FileRef(path=version_file(name, TRAINED)),
-                            embeddings=version_parts(name, "embeddings", parts)))
+                            counts=Counts(seen=len(ids), indexed=len(ids)), trained_on=len(ids), trained=trained.file,
+                            embeddings=embedding_refs))
     return name

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mllm_index.storage.integrity import write_ref
+from mllm_index.storage.uris import Location
 from mllm_index.actors.classic import SpatialVerifier, VladEmbedImages, codebook_bytes, codebook_from_bytes, fit_codebook, root_sift, vlad
 from mllm_index.pipelines.demo import bundled_photos
 from mllm_index.pipelines.demo_set import _perspective
@@ -30,8 +32,8 @@ def test_spatial_verification_separates_same_object_from_other_photos(photos):
 def test_vlad_is_normalised_and_discriminative(photos, tmp_path):
     descs = [root_sift(np.asarray(p.convert("L")), 300)[1] for p in photos]
     centroids = fit_codebook(np.concatenate(descs), 8)
-    (tmp_path / "cb.npy").write_bytes(codebook_bytes(centroids))
-    embedder = VladEmbedImages(str(tmp_path / "cb.npy"), {}, fill=(128, 128, 128))
+    codebook = write_ref(Location(str(tmp_path)), "cb.npy", codebook_bytes(centroids))
+    embedder = VladEmbedImages(str(tmp_path), codebook, {}, fill=(128, 128, 128))
     pixels = np.stack([np.asarray(p.resize((256, 256))) for p in photos] + [np.asarray(photos[0].resize((256, 256)).rotate(3))])
     v = embedder.embed_pixels(pixels)
     assert v.shape == (5, 8 * 128) and np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
@@ -55,9 +57,9 @@ def test_vlad_pca_reduces_and_keeps_neighbours(photos, tmp_path):
     centroids = fit_codebook(np.concatenate(descs), 8)
     full = np.stack([vlad(d, centroids) for d in descs])
     pca = fit_pca(full, 3)
-    (tmp_path / "cb.npy").write_bytes(codebook_bytes(centroids))
-    (tmp_path / "pca.npy").write_bytes(codebook_bytes(pca))
-    embedder = VladEmbedImages(str(tmp_path / "cb.npy"), {}, fill=(128, 128, 128), pca_uri=str(tmp_path / "pca.npy"))
+    root = Location(str(tmp_path))
+    codebook, pca_ref = write_ref(root, "cb.npy", codebook_bytes(centroids)), write_ref(root, "pca.npy", codebook_bytes(pca))
+    embedder = VladEmbedImages(str(tmp_path), codebook, {}, fill=(128, 128, 128), pca=pca_ref)
     assert embedder.dim == 3
     reduced = project(full, pca)
     assert reduced.shape == (4, 3) and np.allclose(np.linalg.norm(reduced, axis=1), 1, atol=1e-5)

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mllm_index.storage.uris import Location
+from mllm_index.storage.verify import verify_version
+from mllm_index.storage.versions import read_manifest
 from mllm_index.pipelines.demo import run_demo
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +37,9 @@ def test_demo_reranking_raises_map_and_the_report_renders(ray_session, tmp_path)
         assert (condition, "reranked") in rows
     assert summary["index"]["counts"]["failed"] == 3  # the demo's broken files, in the failures table
     assert summary["rerank"]["queries"]["ok"] == 18
+    index = Location(str(tmp_path / "demo" / "index"))
+    assert all(ref.sha256 for ref in read_manifest(index).files())  # codebook, catalog and failures included
+    assert verify_version(index, summary["index"]["version"]).ok
 
     report = Path(summary["report"])
     dom = browser("--virtual-time-budget=10000", "--dump-dom", report.as_uri(), profile=tmp_path / "p1").stdout
