@@ -29,9 +29,36 @@ def test_each_node_type_installs_exactly_one_faiss_build():
     installs = {"head": head} | {name: " ".join(t.get("worker_setup_commands", config["setup_commands"]))
                                  for name, t in config["available_node_types"].items() if name != config["head_node_type"]}
     for name, commands in installs.items():
-        extras = re.findall(r"\[(cpu|gpu)\]", commands)
+        extras = [e.strip() for group in re.findall(r"mllm-index\[([\w,\s]+)\]", commands) for e in group.split(",")]
         gpus = config["available_node_types"][name]["resources"].get("GPU", 0)
-        assert extras == (["gpu"] if gpus else ["cpu"]), name
+        assert [e for e in extras if e in ("cpu", "gpu")] == (["gpu"] if gpus else ["cpu"]), name
+
+
+def test_the_head_installs_the_job_server_and_the_node_providers_sdk():
+    """`ray job submit` needs the head's job server (ray[default]); the AWS autoscaler needs boto3 there."""
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    cluster = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["cluster"]
+    assert {re.split(r"[<>=!~ ]", d)[0] for d in cluster} >= {"ray[default]", "boto3"}
+    head = " ".join(config["head_setup_commands"])
+    assert re.search(r"mllm-index\[[\w,]*\bcluster\b[\w,]*\]", head), head
+    assert any("--include-dashboard=true" in c for c in config["head_start_ray_commands"])  # fail at `ray up`, not at submit
+    # Every node installs against the same pins, so a worker started later gets the head's Ray version.
+    for commands in [config["head_setup_commands"]] + [t["worker_setup_commands"] for t in config["available_node_types"].values()
+                                                      if "worker_setup_commands" in t]:
+        repo = [c for c in commands if "~/mllm-index[" in c]
+        assert len(repo) == 1 and "-c ~/mllm-index/.ci/constraints.txt" in repo[0], commands
+    # What [cluster] brings is importable here ([test] includes it): the job server and the AWS node provider.
+    probe = "import ray.dashboard.modules.job.job_head, ray.autoscaler._private.aws.node_provider, boto3"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).returncode == 0
+
+
+def test_constraints_pin_every_installed_distribution():
+    """.ci/constraints.txt must pin everything `.[test]` installs, or pip backtracks (boto3/botocore) in CI."""
+    pinned = {re.split("==", line)[0].lower().replace("_", "-") for line in (ROOT / ".ci" / "constraints.txt").read_text().splitlines()
+              if "==" in line}
+    needed = _requirement_closure("mllm-index", {"test", "cpu", "classic", "cluster"})
+    missing = sorted(n for n in needed - {"mllm-index", "torch"} if n not in pinned)
+    assert not missing, missing
 
 
 def test_faiss_builds_are_in_separate_extras():
@@ -102,7 +129,7 @@ def test_the_wheel_installs_one_namespace_that_user_packages_cannot_shadow(tmp_p
 
 
 def test_cli_help_for_every_command():
-    for args in ([], ["index"], ["update"], ["rerank"], ["evaluate"], ["import-gt"], ["report"], ["versions"], ["rollback"], ["gc"], ["demo"]):
+    for args in ([], ["index"], ["update"], ["rerank"], ["evaluate"], ["import-gt"], ["report"], ["versions"], ["rollback"], ["gc"], ["verify"], ["demo"]):
         result = run_cli(*args, "--help")
         assert result.returncode == 0 and "usage: mllm-index" in result.stdout
 
@@ -128,3 +155,30 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert len(command) == 1
     assert command[0] in (ROOT / "README.md").read_text()
     assert ci.index("pip install -q torch==2.13.0") < ci.index('-e ".[test]"')
+
+
+def _requirement_closure(root: str, extras: set[str]) -> set[str]:
+    """Distribution names that installing root[extras] pulls in, read from the installed metadata (torch not followed:
+    its build is chosen by hand before the constraints apply)."""
+    from importlib.metadata import PackageNotFoundError, requires
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen, todo = set(), [(root, frozenset(extras))]
+    while todo:
+        name, wanted = todo.pop()
+        key = (canonicalize_name(name), wanted)
+        if key in seen:
+            continue
+        seen.add(key)
+        if key[0] == "torch":
+            continue
+        try:
+            reqs = requires(name) or []
+        except PackageNotFoundError:
+            continue
+        for text in reqs:
+            req = Requirement(text)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in wanted | {""}):
+                todo.append((req.name, frozenset(req.extras)))
+    return {name for name, _ in seen}
