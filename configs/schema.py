@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mllm_index.storage.retry import RetryPolicy, with_policy
 from mllm_index.storage.uris import find_credential_options
 
 
@@ -111,6 +112,10 @@ class StorageConfig(Section):
             )
         return options
 
+    def options_with_retry(self) -> dict[str, Any]:
+        """The storage options the job hands to every process: fsspec's, carrying `retry` (see storage/retry.py)."""
+        return with_policy(self.options, RetryPolicy(**self.retry.model_dump()))
+
 
 class IndexJobConfig(Section):
     source: SourceConfig = Field(default_factory=SourceConfig)
@@ -149,9 +154,14 @@ class SearchConfig(Section):
     top_k: int = Field(100, gt=0)
     nprobe: int | None = Field(None, gt=0)  # None: the value recorded in the index manifest
     rescore: int | None = Field(None, ge=0)  # None: the manifest's exact re-score shortlist
-    concurrency: int = Field(1, gt=0)
+    concurrency: int = Field(1, gt=0)  # actors per shard group
     num_cpus: float = Field(0.5, gt=0)
     batch_size: int = Field(256, gt=0)
+    # One search actor holds a group of shards: at most this many bytes of FAISS files (plus 8 B per
+    # image of sorted ids where it re-scores) and/or this many shards; None: no limit of that kind.
+    max_bytes_per_actor: int | None = Field(8 * 2**30, gt=0)
+    shards_per_actor: int | None = Field(None, gt=0)
+    cache_dir: str | None = None  # local disk folder for the shards' vector files (re-score); None: the temp dir
 
 
 class RerankerConfig(Section):
@@ -170,6 +180,15 @@ class RerankerConfig(Section):
     num_gpus: float | None = Field(None, ge=0)
     num_cpus: float | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto: vllm on a GPU where the [vllm] extra is installed, transformers elsewhere (CPU, families vLLM lacks)
+    backend: Literal["auto", "transformers", "vllm"] = "auto"
+    min_pixels: int | None = Field(None, gt=0)  # per image (small images are upscaled to it); None: the checkpoint's
+    # Prompt layout: [system_prompt] [instruction] <query image> [between_images] <candidate image> [prompt]
+    system_prompt: str | None = None
+    instruction: str | None = None
+    between_images: str | None = None
+    vllm_engine: dict[str, Any] = Field(default_factory=dict)  # vLLM engine options over the defaults (block_size, ...)
+    accelerator_type: str | None = None  # ray.data.llm vLLM stage: GPU type of its replicas, e.g. "H100"
 
 
     @field_validator("yes_words", "no_words", mode="before")

@@ -20,13 +20,14 @@ import ray
 from mllm_index.configs.schema import IndexJobConfig
 from mllm_index.pipelines.parts import PartCollector, finished_parts, plan_table
 from mllm_index.pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
-from mllm_index.pipelines.summaries import IndexSummary
+from mllm_index.pipelines.summaries import IndexSummary, StorageRetries
 from mllm_index.storage.catalog import CATALOG_SCHEMA, FAILURE_SCHEMA, embeddings_table
 from mllm_index.storage.contracts import (Counts, FileRef, Manifest, ModelSpec, PartStats, Plan, Preprocessing,
                                           ShardRef, SourceInfo, TrainedRef, UpdateCounts, version_file, write_contract)
 from mllm_index.storage.integrity import absent_or_resized, check_present, write_parquet_ref
 from mllm_index.storage.faiss_store import default_factory, train_sample_size
 from mllm_index.storage.lock import IndexLock, leased_versions
+from mllm_index.storage.retry import RetryMeter
 from mllm_index.storage.shard_store import build_shard, finished_shard, part_file, train_version, trained_ref
 from mllm_index.storage.uris import Location, redact
 from mllm_index.storage.versions import collect_garbage, publish
@@ -47,6 +48,7 @@ class VersionBuild:
     lock: IndexLock
     started: float = field(default_factory=time.time)
     stages: dict[str, float] = field(default_factory=dict)
+    retries: RetryMeter = field(default_factory=RetryMeter)  # the driver's storage retries since the build began
 
     @property
     def folder(self) -> Location:
@@ -82,6 +84,7 @@ class Embedded:
     processed: int = 0
     images_per_second: float | None = None
     startup_seconds: float | None = None
+    retries: int = 0  # the workers' storage retries for the parts done in this run
 
 
 # -- embed: stream parts through decode and embed actors ----------------------------------
@@ -100,7 +103,8 @@ def write_index_part(index: Location, version_name: str, part: int, cols: dict[s
         "catalog": pa.table({f.name: cols[f.name][ok] for f in CATALOG_SCHEMA}, schema=CATALOG_SCHEMA),
         "failures": pa.table({f.name: cols[f.name][bad] for f in FAILURE_SCHEMA}, schema=FAILURE_SCHEMA)})
     stats = PartStats(part=part, rows=int(len(ok)), indexed=int(ok.sum()), failed=int(bad.sum()),
-                      errors=dict(Counter(cols["error_type"][bad].tolist())), dim=int(cols["embedding"].shape[1]), files=files)
+                      errors=dict(Counter(cols["error_type"][bad].tolist())), dim=int(cols["embedding"].shape[1]), files=files,
+                      retries=int(cols["retries"].sum()) if "retries" in cols else 0)
     write_contract(index.child("versions", version_name), stats, "stats", part_file(part, "json"))  # the part's done marker
     return stats
 
@@ -140,6 +144,7 @@ def embed_todo(build: VersionBuild, plan: Plan, content: VersionContent) -> Embe
             result.startup_seconds = writer.timing().get("startup_seconds")
         build.lock.renew()
     result.processed = sum(done[p].rows for p in todo)
+    result.retries = sum(done[p].retries for p in todo)
     seconds = build.stages["decode_embed"]
     if result.processed and seconds:
         result.images_per_second = round(result.processed / seconds, 2)
@@ -186,7 +191,8 @@ def publish_version(build: VersionBuild, plan: Plan, embedded: Embedded, content
                            images_per_second=embedded.images_per_second, startup_seconds=embedded.startup_seconds,
                            counts=counts, skipped_by_extension=plan.skipped, errors=dict(errors),
                            live_before=content.live_before, update=content.update,
-                           retrained=None if content.update is None else content.factory is None)
+                           retrained=None if content.update is None else content.factory is None,
+                           storage_retries=StorageRetries(workers=embedded.retries))
     if counts.indexed == 0:
         write_contract(version, summary, "stats.json")
         raise JobError(f"no image could be indexed ({counts.failed} failed, {counts.skipped} skipped); "
@@ -232,5 +238,6 @@ def part_refs(version_name: str, parts: dict[int, PartStats], order: list[int], 
 
 
 def _finished(summary: IndexSummary, build: VersionBuild) -> IndexSummary:
+    retries = summary.storage_retries.model_copy(update={"driver": build.retries.count()})
     return summary.model_copy(update={"stage_seconds": {k: round(v, 3) for k, v in build.stages.items()},
-                                      "wall_seconds": round(time.time() - build.started, 3)})
+                                      "wall_seconds": round(time.time() - build.started, 3), "storage_retries": retries})

@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def source_spec(cfg: IndexJobConfig) -> SourceSpec:
     s = cfg.source
-    return SourceSpec(s.uri, s.format, s.image_extensions, s.image_column, s.key_column, cfg.storage.options)
+    return SourceSpec(s.uri, s.format, s.image_extensions, s.image_column, s.key_column, cfg.storage.options_with_retry())
 
 
 def model_spec(cfg: IndexJobConfig) -> ModelSpec:
@@ -41,7 +41,7 @@ def check_roots(cfg: IndexJobConfig) -> Location:
     """The index location, once both URIs are known to be under the allowed roots."""
     for field, uri in (("source.uri", cfg.source.uri), ("index.uri", cfg.index.uri)):
         check_under_roots(uri, cfg.storage.allowed_roots, field)
-    return Location(cfg.index.uri, cfg.storage.options)
+    return Location(cfg.index.uri, cfg.storage.options_with_retry())
 
 
 def fit_model_files(build: VersionBuild, plan: Plan, spec: ModelSpec, content_prep) -> dict[str, FileRef]:
@@ -57,7 +57,7 @@ def fit_model_files(build: VersionBuild, plan: Plan, spec: ModelSpec, content_pr
     rows = [r for p in sorted(parts) for r in plan_table(build.folder, int(p)).to_pylist()]
     sample = [rows[i] for i in sorted(rng.permutation(len(rows))[:want])]
     fit = ray.remote(num_cpus=1)(kind.fit)
-    return ray.get(fit.remote(build.folder, build.name, sample, spec, content_prep, cfg.storage.options,
+    return ray.get(fit.remote(build.folder, build.name, sample, spec, content_prep, cfg.storage.options_with_retry(),
                               cfg.source.image_column, cfg.run.seed))
 
 

@@ -25,10 +25,11 @@ from mllm_index.actors.search import SearchIndex
 from mllm_index.configs.schema import ConfigError, RerankJobConfig
 from mllm_index.pipelines.parts import PartCollector, finished_parts, load_or_make_plan
 from mllm_index.pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
-from mllm_index.pipelines.summaries import QueryCounts, RerankSummary
+from mllm_index.pipelines.summaries import QueryCounts, RerankSummary, StorageRetries
 from mllm_index.storage.catalog import FAILURE_SCHEMA
 from mllm_index.storage.contracts import Manifest, QueryPartStats, write_contract
 from mllm_index.storage.lock import ReadLease
+from mllm_index.storage.retry import RetryMeter
 from mllm_index.storage.search import Catalog
 from mllm_index.storage.shard_store import part_file
 from mllm_index.storage.sources import SourceSpec, list_source, read_bboxes
@@ -47,7 +48,8 @@ QUERY_FAILURE_SCHEMA = pa.schema(list(FAILURE_SCHEMA) + [("query_id", pa.int64()
 
 def query_spec(cfg: RerankJobConfig) -> SourceSpec:
     q = cfg.queries
-    return SourceSpec(q.uri, q.format, q.image_extensions, q.image_column, q.key_column, cfg.storage.options, uri_column=q.uri_column)
+    return SourceSpec(q.uri, q.format, q.image_extensions, q.image_column, q.key_column, cfg.storage.options_with_retry(),
+                      uri_column=q.uri_column)
 
 
 def query_bboxes(cfg: RerankJobConfig, spec: SourceSpec) -> dict[str, tuple]:
@@ -55,9 +57,10 @@ def query_bboxes(cfg: RerankJobConfig, spec: SourceSpec) -> dict[str, tuple]:
     boxes = {}
     for uri, kind, _ in list_source(spec).containers:
         if kind == "parquet":
-            boxes.update(read_bboxes(uri, cfg.storage.options, cfg.queries.key_column or "key", cfg.queries.bbox_column))
+            boxes.update(read_bboxes(uri, spec.storage_options, cfg.queries.key_column or "key", cfg.queries.bbox_column))
     if cfg.queries.bboxes_uri:
-        boxes.update(read_bboxes(cfg.queries.bboxes_uri, cfg.storage.options, cfg.queries.key_column or "key", cfg.queries.bbox_column))
+        boxes.update(read_bboxes(cfg.queries.bboxes_uri, spec.storage_options, cfg.queries.key_column or "key",
+                                 cfg.queries.bbox_column))
     return boxes
 
 
@@ -101,7 +104,8 @@ class ResultWriter:
                                queries_failed=int((~cols["ok"].astype(bool)).sum()), results=len(results),
                                pairs_scored=int(cols["pairs_scored"].sum()),
                                candidate_failures=sum(1 for f in failures if f["stage"] == "candidate"),
-                               errors=dict(Counter(f["error_type"] for f in failures)))
+                               errors=dict(Counter(f["error_type"] for f in failures)),
+                               retries=int(cols["retries"].sum()) if "retries" in cols else 0)
         write_contract(self.out, stats, "stats", part_file(part, "json"))  # the part's done marker
         return stats
 
@@ -113,9 +117,9 @@ def run_rerank(cfg: RerankJobConfig) -> RerankSummary:
                        ("queries.bboxes_uri", cfg.queries.bboxes_uri)):
         if uri:
             check_under_roots(uri, roots, field)
-    t0 = time.time()
-    index = Location(cfg.index_uri, cfg.storage.options)
-    out = Location(cfg.output_uri, cfg.storage.options)
+    t0, retries = time.time(), RetryMeter()
+    index = Location(cfg.index_uri, cfg.storage.options_with_retry())
+    out = Location(cfg.output_uri, cfg.storage.options_with_retry())
     previous = out.read_json("run.json") if out.exists("run.json") else None
     version = cfg.index_version or (previous or {}).get("index_version") or read_latest(index)
     manifest = read_manifest(index, version)
@@ -135,11 +139,11 @@ def run_rerank(cfg: RerankJobConfig) -> RerankSummary:
     out.write_json({"fingerprint": fingerprint(settings), "run_id": run_id, "index_version": version, "settings": settings}, "run.json")
 
     with ReadLease(index, version, f"mllm-index rerank {run_id}") as lease:  # keeps the version from garbage collection
-        return _rerank_leased(cfg, index, out, version, manifest, run_id, roots, lease, t0)
+        return _rerank_leased(cfg, index, out, version, manifest, run_id, roots, lease, t0, retries)
 
 
 def _rerank_leased(cfg: RerankJobConfig, index: Location, out: Location, version: str, manifest: Manifest, run_id: str,
-                   roots: list[str], lease: ReadLease, t0: float) -> RerankSummary:
+                   roots: list[str], lease: ReadLease, t0: float, retries: RetryMeter) -> RerankSummary:
     spec = query_spec(cfg)
     t = time.time()
     plan = load_or_make_plan(out, spec, cfg.run.part_size, QUERY_FAILURE_SCHEMA)
@@ -164,7 +168,8 @@ def _rerank_leased(cfg: RerankJobConfig, index: Location, out: Location, version
         pairs_per_second=round(pairs / stages["embed_search_rerank"], 2) if pairs else None,
         candidate_failures=sum(s.candidate_failures for s in done.values()), errors=dict(errors),
         parts=plan.parts, parts_this_run=len(todo), stage_seconds={k: round(v, 3) for k, v in stages.items()},
-        wall_seconds=round(time.time() - t0, 3), output_uri=redact(out.uri), startup_seconds=timing.get("startup_seconds"))
+        wall_seconds=round(time.time() - t0, 3), output_uri=redact(out.uri), startup_seconds=timing.get("startup_seconds"),
+        storage_retries=StorageRetries(driver=retries.count(), workers=sum(done[p].retries for p in todo)))
     write_contract(out, summary, "summary.json")
     return summary
 
@@ -188,17 +193,18 @@ def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: L
     ds = ds.map_batches(
         SearchIndex, batch_size=cfg.search.batch_size, batch_format="numpy", num_cpus=cfg.search.num_cpus,
         compute=ray.data.ActorPoolStrategy(size=cfg.search.concurrency),
-        fn_constructor_kwargs=dict(index_uri=index.uri, version=version, storage_options=cfg.storage.options,
+        fn_constructor_kwargs=dict(index_uri=index.uri, version=version, storage_options=cfg.storage.options_with_retry(),
                                    top_k=cfg.search.top_k, nprobe=cfg.search.nprobe or manifest.nprobe,
                                    rescore=cfg.search.rescore if cfg.search.rescore is not None else manifest.rescore),
     ).map_batches(
         RerankCandidates, batch_size=cfg.reranker.queries_per_batch, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=rerank_res["concurrency"]), num_gpus=rerank_res["num_gpus"],
         num_cpus=rerank_res["num_cpus"],
-        fn_constructor_kwargs=dict(index_uri=index.uri, version=version, storage_options=cfg.storage.options,
+        fn_constructor_kwargs=dict(index_uri=index.uri, version=version, storage_options=cfg.storage.options_with_retry(),
                                    reranker={**cfg.reranker.model_dump(), "device": rerank_res["device"],
                                              "num_threads": rerank_res["num_threads"]},
-                                   decode={"max_pixels": cfg.decode.max_pixels, "max_bytes": cfg.decode.max_bytes},
+                                   decode={"max_pixels": cfg.decode.max_pixels, "max_bytes": cfg.decode.max_bytes,
+                                           "timeout_s": cfg.decode.timeout_s},
                                    image_column=cfg.queries.image_column),
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

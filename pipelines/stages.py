@@ -45,7 +45,7 @@ def decode_and_embed(tables: list, cfg, spec: ModelSpec, prep: Preprocessing, im
     is where the kind's per-version files (if any) are read from.
     """
     kind = embedder_kind(spec.name)
-    context = EmbedContext(index_uri, cfg.storage.options, embed_res["device"], embed_res["num_threads"])
+    context = EmbedContext(index_uri, cfg.storage.options_with_retry(), embed_res["device"], embed_res["num_threads"])
     # SPREAD puts decode on every CPU node. The two explicit, different strategies also keep
     # Ray Data from fusing decode into the embed actors (it fuses ops whose remote args
     # match), which would run all decoding serially inside the actors.
@@ -53,7 +53,8 @@ def decode_and_embed(tables: list, cfg, spec: ModelSpec, prep: Preprocessing, im
         decode_batch, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
         scheduling_strategy="SPREAD",
         fn_kwargs=dict(image_size=prep.image_size, fill=tuple(prep.fill), max_pixels=cfg.decode.max_pixels,
-                       max_bytes=cfg.decode.max_bytes, storage_options=cfg.storage.options, image_column=image_column),
+                       max_bytes=cfg.decode.max_bytes, storage_options=cfg.storage.options_with_retry(), image_column=image_column,
+                       timeout_s=cfg.decode.timeout_s),
     ).map_batches(
         kind.actor, batch_size=cfg.embed.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=embed_res["concurrency"]), scheduling_strategy="DEFAULT",

@@ -18,6 +18,13 @@ class Summary(BaseModel):
         return self.model_dump(mode="json")
 
 
+class StorageRetries(BaseModel):
+    """Storage calls retried after a transient error (throttling, 5xx, resets, timeouts) in this run."""
+
+    driver: int = 0  # the job's own process: listing, plan, markers, manifest, lock
+    workers: int = 0  # decode tasks (and, for rerank, search and rerank actors), summed from the part stats
+
+
 class IndexSummary(Summary):
     """One built version (by `index` or `update`)."""
 
@@ -47,6 +54,7 @@ class IndexSummary(Summary):
     live_before: str | None = None
     update: UpdateCounts | None = None
     retrained: bool | None = None
+    storage_retries: StorageRetries = Field(default_factory=StorageRetries)
 
 
 class UpdateSummary(Summary):
@@ -83,6 +91,7 @@ class RerankSummary(Summary):
     wall_seconds: float
     output_uri: str
     startup_seconds: float | None = None
+    storage_retries: StorageRetries = Field(default_factory=StorageRetries)
 
 
 def _stages(stages: dict[str, float]) -> str:
@@ -91,6 +100,10 @@ def _stages(stages: dict[str, float]) -> str:
 
 def _errors(errors: dict[str, int]) -> list[str]:
     return ["  failures by type: " + ", ".join(f"{k} {v}" for k, v in sorted(errors.items()))] if errors else []
+
+
+def _retries(r: StorageRetries) -> list[str]:
+    return [f"  storage retries: driver {r.driver}, workers {r.workers}"] if r.driver or r.workers else []
 
 
 def format_index(s: IndexSummary) -> str:
@@ -104,7 +117,7 @@ def format_index(s: IndexSummary) -> str:
         f"to the first part), wall {s.wall_seconds:.1f}s",
         "  stages: " + _stages(s.stage_seconds),
     ]
-    return "\n".join(lines + _errors(s.errors))
+    return "\n".join(lines + _errors(s.errors) + _retries(s.storage_retries))
 
 
 def format_update(s: UpdateSummary) -> str:
@@ -125,4 +138,4 @@ def format_rerank(s: RerankSummary) -> str:
         f"candidate failures: {s.candidate_failures}",
         "  stages: " + _stages(s.stage_seconds) + f"; wall {s.wall_seconds:.1f}s",
     ]
-    return "\n".join(lines + _errors(s.errors))
+    return "\n".join(lines + _errors(s.errors) + _retries(s.storage_retries))

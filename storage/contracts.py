@@ -60,6 +60,15 @@ class ShardRef(Contract):
     shard: int = Field(ge=0)
     parts: list[int]  # the embeddings parts (of the version that built it) it holds
     ntotal: int = Field(ge=0)
+    # The shard's ids, sorted (int64 .npy), and its float16 vectors in that order (.npy): an exact
+    # re-score reads only its shortlist's rows. None in versions built before them: the re-score
+    # then loads the embeddings parts, as it always did.
+    ids: FileRef | None = None
+    vectors: FileRef | None = None
+
+    def files(self) -> list[FileRef]:
+        """The shard's files: the index, and its ids and vectors where it has them."""
+        return [self.file, *(f for f in (self.ids, self.vectors) if f is not None)]
 
 
 class ModelSpec(Contract):
@@ -207,6 +216,7 @@ class PartStats(Contract):
     dim: int = Field(ge=0)
     carried_from: str | None = None  # an update's part copied from the live version
     files: dict[str, FileRef] = Field(default_factory=dict)  # embeddings, catalog, failures: as written, with digests
+    retries: int = Field(0, ge=0)  # storage retries the workers made for this part's rows (decode reads)
 
 
 class TrainedRef(Contract):
@@ -227,6 +237,7 @@ class QueryPartStats(Contract):
     pairs_scored: int = Field(ge=0)
     candidate_failures: int = Field(ge=0)
     errors: dict[str, int] = Field(default_factory=dict)
+    retries: int = Field(0, ge=0)  # storage retries the workers made for this part (decode, search, rerank actors)
 
 
 def read_contract(location, cls: type[Contract], *parts: str) -> Contract:

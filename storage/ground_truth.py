@@ -42,8 +42,7 @@ class QueryTruth:
 
 
 def read_ground_truth(uri: str, storage_options: dict | None = None) -> dict[str, QueryTruth]:
-    loc = Location(uri, storage_options)
-    data = loc.fs.cat_file(loc.root)
+    data = Location(uri, storage_options).read_bytes()  # retried, like every storage call
     if uri.endswith((".jsonl", ".json")):
         rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
     else:

@@ -94,12 +94,7 @@ def load_faiss_verified(index: Location, ref: FileRef):
 
 def sizes_under(index: Location, folder: str) -> dict[str, int]:
     """path (relative to the index root) -> size of every file under a folder, from one recursive listing."""
-    root = index.path(folder)
-    index.fs.invalidate_cache(root)
-    try:
-        found = index.fs.find(root, detail=True)
-    except FileNotFoundError:
-        return {}
+    found = index.find(folder)  # retried; {} when the folder does not exist
     base = index.path()
     return {index.relative(p) if base != "/" else p.lstrip("/"): int(info.get("size") or 0) for p, info in found.items()}
 

@@ -5,6 +5,9 @@ loose image files, WebDataset / img2dataset tar shards (image members by extensi
 key = member stem), and Parquet files with an image-bytes column and a key column.
 Listing records, per image, where its bytes are (uri, offset, length) so that any
 image can later be fetched with one ranged read, tar members included.
+
+Every storage call here is retried under the policy the storage options carry (see
+`storage.retry`): the walk, each container scan, each ranged read that fails alone.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mllm_index.storage.catalog import ENTRY_SCHEMA, KIND_FILE, KIND_PARQUET, KIND_TAR, failure_row, image_id
-from mllm_index.storage.retry import is_transient, with_retries
-from mllm_index.storage.uris import Location
+from mllm_index.storage.retry import is_transient, thread_retries, with_retries
+from mllm_index.storage.uris import Location, redact
 
 DEFAULT_IMAGE_EXTENSIONS = (
     "jpg", "jpeg", "jpe", "png", "gif", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "pnm",
@@ -73,12 +76,22 @@ def _wants(kind: str, fmt: str) -> bool:
     return fmt == "auto" or {"files": KIND_FILE, "webdataset": KIND_TAR, "parquet": KIND_PARQUET}[fmt] == kind
 
 
+def _walk(loc: Location) -> tuple[dict[str, dict], bool]:
+    """(path -> info of every file, whether the source is a folder); one retried unit."""
+    loc.fs.invalidate_cache(loc.root)
+    try:  # not fs.exists: for a bucket, s3fs answers False on any error, a throttled request included
+        info = loc.fs.info(loc.root)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"source {loc!r} does not exist") from None
+    if info.get("type") == "directory":
+        return loc.fs.find(loc.root, detail=True), True
+    return {loc.root: info}, False
+
+
 def list_source(spec: SourceSpec) -> Listing:
     """Walk the source prefix recursively. Files with no extension are tried as images."""
     loc = spec.location()
-    if not loc.fs.exists(loc.root):
-        raise FileNotFoundError(f"source {loc!r} does not exist")
-    found = loc.fs.find(loc.root, detail=True) if loc.fs.isdir(loc.root) else {loc.root: loc.fs.info(loc.root)}
+    found, is_dir = with_retries(lambda: _walk(loc), f"list {redact(loc.uri)}", loc.retry)
     images = set(spec.image_extensions)
     files, containers, skipped = [], [], Counter()
     for path in sorted(found):
@@ -92,7 +105,7 @@ def list_source(spec: SourceSpec) -> Listing:
             continue
         uri = loc.full_uri(path)
         if kind == KIND_FILE:
-            key = loc.relative(path) if loc.fs.isdir(loc.root) else posixpath.basename(path)
+            key = loc.relative(path) if is_dir else posixpath.basename(path)
             files.append(dict(key=key, uri=uri, kind=KIND_FILE, offset=0, length=int(info.get("size") or 0), etag=_etag(info)))
         else:
             containers.append((uri, kind, _etag(info)))
@@ -159,8 +172,7 @@ def _parquet_uri_entries(pfile: pq.ParquetFile, uri: str, spec: SourceSpec) -> l
 
 def read_bboxes(uri: str, storage_options: dict, key_column: str = "key", bbox_column: str = "bbox") -> dict[str, tuple]:
     """key -> (x, y, w, h) from a Parquet or JSON-lines table (e.g. Revisited Oxford / ILIAS query boxes)."""
-    loc = Location(uri, storage_options)
-    data = loc.fs.cat_file(loc.root)
+    data = Location(uri, storage_options).read_bytes()
     if uri.endswith((".jsonl", ".json")):
         import json
 
@@ -181,7 +193,9 @@ def read_bboxes(uri: str, storage_options: dict, key_column: str = "key", bbox_c
 
 
 def scan_container(uri: str, kind: str, etag: str, spec: SourceSpec) -> tuple[list[dict], Counter]:
-    return (scan_tar if kind == KIND_TAR else scan_parquet)(uri, etag, spec)
+    """Entries of a tar or Parquet container; a read that fails transiently scans it again."""
+    scan = scan_tar if kind == KIND_TAR else scan_parquet
+    return with_retries(lambda: scan(uri, etag, spec), f"scan {redact(uri)}", spec.location().retry)
 
 
 def assign_ids(entries: list[dict], source_uri: str) -> tuple[pa.Table, list[dict]]:
@@ -204,14 +218,22 @@ def assign_ids(entries: list[dict], source_uri: str) -> tuple[pa.Table, list[dic
 
 
 def fetch_bytes(entries: list[dict], storage_options: dict, image_column: str = "image") -> list[bytes | Exception]:
-    """Bytes of each entry, in order; a read that fails gives its exception instead.
+    """Bytes of each entry, in order; a read that fails (after its retries) gives its exception instead."""
+    return fetch_bytes_counted(entries, storage_options, image_column)[0]
 
-    File and tar entries go through one `cat_ranges` call (concurrent on object stores);
-    Parquet entries are grouped so that each row group is read once per call.
+
+def fetch_bytes_counted(entries: list[dict], storage_options: dict,
+                        image_column: str = "image") -> tuple[list[bytes | Exception], list[int]]:
+    """`fetch_bytes`, and how many retries each entry's read took (a job sums them into its summary).
+
+    File and tar entries go through one `cat_ranges` call (concurrent on object stores); one that
+    fails transiently is read again alone, with backoff. Parquet entries are grouped so that each
+    row group is read once per call; a group's retries are counted on its first entry.
     """
     out: list[bytes | Exception] = [b""] * len(entries)
+    retries = [0] * len(entries)
     if not entries:
-        return out
+        return out, retries
     loc = Location(entries[0]["uri"], storage_options)
     fs = loc.fs
     ranged = [i for i, e in enumerate(entries) if e["kind"] != KIND_PARQUET]
@@ -223,27 +245,32 @@ def fetch_bytes(entries: list[dict], storage_options: dict, image_column: str = 
             results = fs.cat_ranges(paths, starts, ends, on_error="return")
         except Exception as exc:  # a filesystem without on_error support, or a dead connection
             results = [exc] * len(ranged)
-        for i, start, end, data in zip(ranged, starts, ends, results):
+        for i, path, start, end, data in zip(ranged, paths, starts, ends, results):
             if is_transient(data):  # a throttled or dropped read: retried alone, with backoff
-                path = fs._strip_protocol(entries[i]["uri"])
-                try:
-                    data = with_retries(lambda: fs.cat_file(path, start, end), f"read {entries[i]['uri']}")
+                before = thread_retries()
+                try:  # the failed batch read was the first attempt; keywords: s3fs's second parameter is version_id
+                    data = with_retries(lambda: fs.cat_file(path, start=start, end=end), f"read {redact(entries[i]['uri'])}",
+                                        loc.retry, first_error=data)
                 except Exception as exc:
                     data = exc
+                retries[i] = thread_retries() - before
             out[i] = data
     by_file = defaultdict(list)
     for i, e in enumerate(entries):
         if e["kind"] == KIND_PARQUET:
             by_file[e["uri"]].append(i)
     for uri, idx in by_file.items():
+        before = thread_retries()
         try:
-            cells = _read_parquet_cells(fs, uri, [int(entries[i]["offset"]) for i in idx], image_column)
+            rows = [int(entries[i]["offset"]) for i in idx]
+            cells = with_retries(lambda: _read_parquet_cells(fs, uri, rows, image_column), f"read {redact(uri)}", loc.retry)
             for i, cell in zip(idx, cells):
                 out[i] = cell if cell is not None else b""
         except Exception as exc:
             for i in idx:
                 out[i] = exc
-    return out
+        retries[idx[0]] += thread_retries() - before
+    return out, retries
 
 
 def _read_parquet_cells(fs, uri: str, rows: list[int], image_column: str) -> list[bytes | None]:

@@ -4,6 +4,8 @@ Everything in mllm-index reads and writes through `Location`, so local paths, `s
 (s3fs; AWS, MinIO, R2, moto via `AWS_ENDPOINT_URL` or `endpoint_url`) and `memory://`
 behave the same. A Location pickles as (uri, options) and rebuilds its filesystem on
 the other side, so it can be handed to Ray tasks without shipping open connections.
+The options carry the job's retry policy (see `storage.retry`), so a Location rebuilt in
+a worker retries exactly as the driver's does; every storage call it makes is retried.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from mllm_index.storage.retry import with_retries
+from mllm_index.storage.retry import RetryPolicy, split_options, with_policy, with_retries
 
 _CREDENTIAL_KEY = re.compile(r"^(key|secret|token)$|secret|password|passwd|credential|access_key|session_token", re.I)
 
@@ -100,12 +102,19 @@ def check_under_roots(uri: str, roots: list[str], field: str) -> None:
 
 
 class Location:
-    """A folder (or object prefix) on some filesystem, addressed by a URI."""
+    """A folder (or object prefix) on some filesystem, addressed by a URI.
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+    `retry` (or the policy the options carry) governs every call; None: `DEFAULT_POLICY`.
+    `storage_options` keeps the policy, so a child, a pickled copy, or a task handed
+    `location.storage_options` retries the same way; fsspec never sees it.
+    """
+
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, retry: RetryPolicy | None = None):
         self.uri = normalize_uri(uri)
-        self.storage_options = dict(storage_options or {})
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **self.storage_options)
+        fs_options, carried = split_options(storage_options)
+        self.retry = retry or carried
+        self.storage_options = with_policy(fs_options, self.retry)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **fs_options)
         self.root = self.root.rstrip("/") or "/"
 
     def __reduce__(self):
@@ -138,7 +147,7 @@ class Location:
 
     # -- reads ---------------------------------------------------------------------
     def _retry(self, call, verb: str, *parts: str):
-        return with_retries(call, f"{verb} {redact(self.uri)}/{'/'.join(parts)}")
+        return with_retries(call, f"{verb} {redact(self.uri)}{'/' if parts else ''}{'/'.join(parts)}", self.retry)
 
     def exists(self, *parts: str) -> bool:
         def check() -> bool:
@@ -174,6 +183,19 @@ class Location:
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def find(self, *parts: str) -> dict[str, dict]:
+        """Every file under a child folder, recursively: fs path -> info (size, ETag, ...); {} if there is none."""
+        folder = self.path(*parts)
+
+        def walk() -> dict[str, dict]:
+            self.fs.invalidate_cache(folder)  # written by other processes since this one last looked
+            return self.fs.find(folder, detail=True)
+
+        try:
+            return self._retry(walk, "list", *parts)
+        except FileNotFoundError:
+            return {}
 
     # -- writes --------------------------------------------------------------------
     def write_bytes(self, data: bytes, *parts: str) -> None:

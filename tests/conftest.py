@@ -52,13 +52,43 @@ def s3_bucket(s3_endpoint):
     return name, options
 
 
-@pytest.fixture(scope="session")
-def ray_session():
+def _local_ray():
     import ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    ray = _local_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster():
+    """A multi-node Ray as cluster.yaml has it: a 0-CPU head (it only coordinates) and two worker nodes.
+
+    The session's local Ray is shut down for the test and started again after it, so the tests
+    before and after are unaffected. Yields the `ray.cluster_utils.Cluster` and its worker nodes.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    had_local = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster, workers
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if had_local:
+            _local_ray()
 
 
 @pytest.fixture(scope="session")

@@ -1,28 +1,62 @@
+import functools
+import io
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from inputs import bad_files, odd_files
 
-from mllm_index.actors.decode import decode_batch, decode_image, letterbox, to_rgb, DecodeFailure
+from mllm_index.actors.decode import ERROR_TYPES, decode_batch, decode_image, letterbox, open_image, to_rgb, DecodeFailure
 from PIL import Image
 
 LIMITS = dict(max_pixels=89_478_485, max_bytes=64 << 20)
+# Where other images are decoded right after a timed-out one (whose abandoned thread may
+# still hold a core for a moment), a limit with room for a loaded 2-core CI machine.
+ROOMY = 0.5
 
 
+@functools.cache
+def scan_bomb(size: int = 1024, repeats: int = 3000) -> bytes:
+    """A real slow input: a flat progressive JPEG whose last 14-byte scan is repeated.
+
+    libjpeg decodes every scan over the whole image, so 45 KB take seconds, far below
+    decode.max_bytes and decode.max_pixels (a known denial-of-service shape for libjpeg).
+    """
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 100, 90)).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    scans = [m.start() for m in re.finditer(rb"\xff\xda", data)]
+    last = data[scans[-1] : data.rindex(b"\xff\xd9")]
+    return data[: scans[-1]] + last * repeats + b"\xff\xd9"
+
+
+@functools.cache
+def untimed_decode_s() -> float:
+    started = time.perf_counter()
+    decode_image(scan_bomb(), 56, **LIMITS)  # timeout_s=None: no limit, it decodes
+    return time.perf_counter() - started
+
+
+@pytest.mark.parametrize("timeout_s", [None, 30.0])
 @pytest.mark.parametrize("name", sorted(odd_files()))
-def test_odd_but_valid_inputs_decode_to_rgb_with_long_side_resized(name):
+def test_odd_but_valid_inputs_decode_to_rgb_with_long_side_resized(name, timeout_s):
     data, (w, h) = odd_files()[name]
-    pixels, width, height = decode_image(data, 56, **LIMITS)
+    pixels, width, height = decode_image(data, 56, **LIMITS, timeout_s=timeout_s)
     assert (width, height) == (w, h)
     assert pixels.dtype == np.uint8 and pixels.ndim == 3 and pixels.shape[2] == 3
     assert max(pixels.shape[:2]) == 56
 
 
+@pytest.mark.parametrize("timeout_s", [None, 30.0])
 @pytest.mark.parametrize("name", sorted(bad_files()))
-def test_bad_inputs_raise_a_classified_failure(name):
+def test_bad_inputs_raise_a_classified_failure(name, timeout_s):
     data, error_type = bad_files()[name]
     with pytest.raises(DecodeFailure) as info:
-        decode_image(data, 56, **LIMITS)
-    assert info.value.error_type == error_type
+        decode_image(data, 56, **LIMITS, timeout_s=timeout_s)
+    assert info.value.error_type == error_type and error_type in ERROR_TYPES
     assert str(info.value)
 
 
@@ -73,3 +107,61 @@ def test_decode_batch_keeps_every_row_and_reports_read_errors(tmp_path):
     assert out["stage"].tolist() == ["", "decode", "read"]
     assert out["error_type"][1] == "truncated" and out["error_type"][2] == "FileNotFoundError"
     assert out["pixels"].shape == (3, 32, 32, 3) and out["width"][0] == 320
+
+
+def test_a_slow_decode_becomes_decode_timeout_and_the_abandoned_work_stops():
+    untimed = untimed_decode_s()
+    assert untimed > 0.25, f"the crafted input decodes in {untimed:.2f} s: too fast to test a 0.05 s limit"
+    for decode in (lambda: decode_image(scan_bomb(), 56, **LIMITS, timeout_s=0.05),
+                   lambda: open_image(scan_bomb(), **LIMITS, draft_long_side=256, timeout_s=0.05)):
+        started = time.perf_counter()
+        with pytest.raises(DecodeFailure) as info:
+            decode()
+        waited = time.perf_counter() - started
+        assert info.value.error_type == "decode_timeout" and "decode.timeout_s=0.05" in str(info.value)
+        assert waited < min(0.3, untimed / 2), f"waited {waited:.2f} s for a 0.05 s limit"
+        # The decode thread left behind sees its cancellation at its next read and ends
+        # long before the decode would have (untimed from the start).
+        helpers = [t for t in threading.enumerate() if t.name.startswith("decode")]
+        for thread in helpers:
+            thread.join(untimed / 2)
+        assert helpers and not any(t.is_alive() for t in helpers)
+
+
+def test_decode_batch_turns_a_slow_image_into_a_failure_row_and_goes_on(tmp_path):
+    files = {"a.webp": odd_files()["odd/photo.webp"][0], "slow.jpg": scan_bomb(),
+             "c.png": odd_files()["odd/rgba.png"][0], "d.jpg": odd_files()["odd/exif-rotated.jpg"][0]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    n = len(files)
+    batch = {"image_id": np.arange(n), "key": np.array(list(files), object),
+             "uri": np.array([str(tmp_path / k) for k in files], object), "kind": np.array(["file"] * n, object),
+             "offset": np.zeros(n, np.int64), "length": np.array([len(v) for v in files.values()])}
+    out = decode_batch(batch, image_size=32, fill=(0, 0, 0), storage_options={}, **LIMITS, timeout_s=ROOMY)
+    assert out["ok"].tolist() == [True, False, True, True]
+    assert (out["stage"][1], out["error_type"][1]) == ("decode", "decode_timeout")
+    assert out["width"].tolist() == [320, -1, 320, 100] and out["height"].tolist() == [200, -1, 200, 300]
+    for i, data in enumerate(files.values()):  # the images after the slow one decode as they do alone
+        if i != 1:
+            assert np.array_equal(out["pixels"][i], letterbox(decode_image(data, 32, **LIMITS)[0], 32, (0, 0, 0)))
+
+
+def test_the_time_limit_works_in_any_calling_thread():
+    """Ray Data actors (the rerank stage) call from a thread pool, where SIGALRM cannot reach."""
+    with ThreadPoolExecutor(1) as pool:
+        image, width, height = pool.submit(open_image, odd_files()["odd/photo.webp"][0], **LIMITS, timeout_s=5.0).result()
+        assert (image.mode, width, height) == ("RGB", 320, 200)
+        with pytest.raises(DecodeFailure) as info:
+            pool.submit(open_image, scan_bomb(), **LIMITS, timeout_s=0.05).result()
+        assert info.value.error_type == "decode_timeout"
+
+
+def test_the_rerank_stage_decodes_with_the_configured_time_limit():
+    from mllm_index.actors.rerank import RerankCandidates  # imports torch: only this test pays for it
+
+    actor = object.__new__(RerankCandidates)  # only the decoding settings matter here, not an index
+    actor.decode, actor.draft, actor.max_pixels = {**LIMITS, "timeout_s": ROOMY}, 256, 65_536
+    assert actor._image(odd_files()["odd/photo.webp"][0]).mode == "RGB"
+    with pytest.raises(DecodeFailure) as info:
+        actor._image(scan_bomb())
+    assert info.value.error_type == "decode_timeout"
