@@ -10,6 +10,7 @@ the GPU actor only normalises and runs the model.
 from __future__ import annotations
 
 import io
+import math
 import threading
 import time
 import warnings
@@ -243,18 +244,32 @@ def decode_image(data: bytes, image_size: int, max_pixels: int, max_bytes: int, 
 
     `timeout_s` bounds the whole of it, resize included (None: no limit).
     """
-    return within_time(timeout_s, lambda deadline: _decode(data, image_size, max_pixels, max_bytes, bbox, deadline))
+    return within_time(timeout_s, lambda deadline: _decode(data, image_size, max_pixels, max_bytes, bbox, deadline))[:3]
 
 
-def _decode(data: bytes, image_size: int, max_pixels: int, max_bytes: int, bbox, deadline: Deadline) -> tuple[np.ndarray, int, int]:
-    img, width, height = _open(data, max_pixels, max_bytes, image_size, bbox, deadline)
+def cap_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    """Downscale so that width x height <= max_pixels (bounds the visual tokens per image)."""
+    w, h = image.size
+    if w * h <= max_pixels:
+        return image
+    scale = math.sqrt(max_pixels / (w * h))
+    return image.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.Resampling.BICUBIC)
+
+
+def _decode(data: bytes, image_size: int, max_pixels: int, max_bytes: int, bbox, deadline: Deadline,
+            keep_max_pixels: int | None = None) -> tuple[np.ndarray, int, int, Image.Image | None]:
+    """(pixels for the embedder, width, height, the image capped to keep_max_pixels or None): one decode
+    serves both the embedder and, in the rerank job, the scorer's copy of the query."""
+    draft = max(image_size, int(2 * keep_max_pixels ** 0.5)) if keep_max_pixels else image_size
+    img, width, height = _open(data, max_pixels, max_bytes, draft, bbox, deadline)
+    kept = cap_pixels(img, keep_max_pixels) if keep_max_pixels else None
     w, h = img.size
     scale = image_size / max(w, h)
     target = (max(1, round(w * scale)), max(1, round(h * scale)))
     if target != img.size:
         img = img.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0 if scale < 1 else None)
     deadline.check("resized")
-    return np.asarray(img, dtype=np.uint8), width, height
+    return np.asarray(img, dtype=np.uint8), width, height, kept
 
 
 def letterbox(pixels: np.ndarray, image_size: int, fill: tuple[int, int, int]) -> np.ndarray:
@@ -269,10 +284,12 @@ def letterbox(pixels: np.ndarray, image_size: int, fill: tuple[int, int, int]) -
 
 def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, fill: tuple[int, int, int], max_pixels: int,
                  max_bytes: int, storage_options: dict, image_column: str = "image",
-                 timeout_s: float | None = None) -> dict[str, np.ndarray]:
+                 timeout_s: float | None = None, keep_max_pixels: int | None = None) -> dict[str, np.ndarray]:
     """Ray Data batch UDF: catalog rows in, rows with pixels or a failure reason out (same count).
 
     `timeout_s` is per image (decode.timeout_s): a slow image becomes a `decode_timeout` row and the batch goes on.
+    `keep_max_pixels` (the rerank job's queries) also keeps the decoded image, capped to that many pixels, in an
+    `query_image` column for the scorer, so a query is fetched and decoded once.
     """
     n = len(batch["image_id"])
     entries = [{k: batch[k][i] for k in ("uri", "kind", "offset", "length")} for i in range(n)]
@@ -281,6 +298,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, fill: tuple[i
     width = np.full(n, -1, np.int32)
     height = np.full(n, -1, np.int32)
     ok = np.zeros(n, bool)
+    kept = np.empty(n, dtype=object)
     stage, error_type, message = [""] * n, [""] * n, [""] * n
     for i, data in enumerate(payloads):
         if isinstance(data, BaseException):
@@ -288,7 +306,8 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, fill: tuple[i
             continue
         try:
             bbox = batch["bbox"][i] if "bbox" in batch else None
-            arr, width[i], height[i] = decode_image(data, image_size, max_pixels, max_bytes, bbox=bbox, timeout_s=timeout_s)
+            arr, width[i], height[i], kept[i] = within_time(
+                timeout_s, lambda deadline: _decode(data, image_size, max_pixels, max_bytes, bbox, deadline, keep_max_pixels))
             pixels[i] = letterbox(arr, image_size, fill)
             ok[i] = True
         except DecodeFailure as exc:
@@ -299,4 +318,6 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, fill: tuple[i
     out.update(width=width, height=height, ok=ok, stage=np.array(stage, dtype=object),
                error_type=np.array(error_type, dtype=object), message=np.array(message, dtype=object), pixels=pixels,
                retries=np.array(retries, np.int32))
+    if keep_max_pixels:
+        out["query_image"] = kept
     return out

@@ -202,6 +202,7 @@ class RerankerConfig(Section):
 class RerankRunConfig(Section):
     part_size: int = Field(256, gt=0)  # queries per result part (the resumable unit)
     run_id: str | None = None  # None: derived from the settings
+    catalog_bucket_rows: int = Field(2048, gt=0)  # rows per file of the catalog partitioned by image id
     ray_address: str | None = None  # as in the index job's run.ray_address
     connect_timeout_s: float = Field(60.0, gt=0)
 

@@ -3,48 +3,48 @@
 Output layout under OUTPUT_URI (one folder per run):
     run.json                      settings, index version, run id (a re-run with other settings is refused)
     plan/part-NNNNN.parquet       the query listing, cut into parts of run.part_size queries
-    results/part-NNNNN.parquet    one row per (query, rank)
+    catalog_by_id/                the index version's catalog partitioned by image id (built once per run, distributed)
+    chunks/part-NNNNN.d/          what writer tasks wrote of an unfinished part: a re-run skips those queries
+    results/part-NNNNN.parquet    one row per (query, rank), merged from the chunks by the task completing the part
     failures/part-NNNNN.parquet   queries and candidates that could not be read or decoded
     stats/part-NNNNN.json         the part's completion marker: a re-run skips finished parts
     summary.json
+
+No process holds the gallery: search actors hold a bounded group of shards, a candidate's catalog row
+is read from its id bucket by the fetch tasks, and results are written by tasks, not by the driver.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
-from mllm_index.actors.rerank import RerankCandidates
-from mllm_index.actors.search import SearchIndex
+from mllm_index.actors.fetch import fetch_candidates
+from mllm_index.actors.registry import reranker_kind
+from mllm_index.actors.rerank import ScoreCandidates
 from mllm_index.configs.schema import ConfigError, RerankJobConfig
-from mllm_index.pipelines.parts import PartCollector, finished_parts, load_or_make_plan
+from mllm_index.pipelines.catalog_buckets import ensure_catalog_buckets
+from mllm_index.pipelines.parts import finished_parts, load_or_make_plan
+from mllm_index.pipelines.result_parts import (QUERY_FAILURE_SCHEMA, RESULT_SCHEMA,  # noqa: F401 (RESULT_SCHEMA: API)
+                                               finish_part, write_results, written_queries)
+from mllm_index.pipelines.search_stages import add_search_stages, plan_search
 from mllm_index.pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
 from mllm_index.pipelines.summaries import QueryCounts, RerankSummary, StorageRetries
-from mllm_index.storage.catalog import FAILURE_SCHEMA
 from mllm_index.storage.contracts import Manifest, QueryPartStats, write_contract
 from mllm_index.storage.lock import ReadLease
 from mllm_index.storage.retry import RetryMeter
-from mllm_index.storage.search import Catalog
 from mllm_index.storage.shard_store import part_file
 from mllm_index.storage.sources import SourceSpec, list_source, read_bboxes
 from mllm_index.storage.uris import Location, check_under_roots, redact
 from mllm_index.storage.versions import fingerprint, read_latest, read_manifest
 
 log = logging.getLogger(__name__)
-
-RESULT_SCHEMA = pa.schema([
-    ("run_id", pa.string()), ("query_id", pa.int64()), ("query_key", pa.string()), ("rank", pa.int32()),
-    ("image_id", pa.int64()), ("key", pa.string()), ("uri", pa.string()), ("knn_rank", pa.int32()),
-    ("knn_score", pa.float32()), ("rerank_score", pa.float32()), ("final_score", pa.float32()), ("reranker", pa.string()),
-])
-QUERY_FAILURE_SCHEMA = pa.schema(list(FAILURE_SCHEMA) + [("query_id", pa.int64())])
-
 
 def query_spec(cfg: RerankJobConfig) -> SourceSpec:
     q = cfg.queries
@@ -70,44 +70,6 @@ def with_bboxes(table: pa.Table, boxes: dict[str, tuple], roots: list[str]) -> p
     rows = [boxes.get(k, (np.nan,) * 4) for k in table.column("key").to_pylist()]
     values = pa.array(np.array(rows, np.float32).reshape(-1), pa.float32())
     return table.append_column("bbox", pa.FixedSizeListArray.from_arrays(values, 4))
-
-
-class ResultWriter:
-    """Writes one part's results (exploded, joined with the catalog) and failures, then the marker."""
-
-    def __init__(self, out: Location, catalog: Catalog, run_id: str, reranker: str):
-        self.out, self.catalog, self.run_id, self.reranker = out, catalog, run_id, reranker
-
-    def __call__(self, part: int, cols: dict[str, np.ndarray]) -> QueryPartStats:
-        results, failures = [], []
-        for q in range(len(cols["image_id"])):
-            query = {"query_id": int(cols["image_id"][q]), "uri": cols["uri"][q], "key": cols["key"][q]}
-            if not cols["ok"][q]:
-                failures.append({**query, "image_id": query["query_id"], "stage": "query", "error_type": cols["error_type"][q],
-                                 "message": cols["message"][q]})
-                continue
-            for note in json.loads(cols["candidate_failures"][q]):
-                failures.append({"query_id": query["query_id"], "uri": note.get("uri"), "key": note.get("key"), **note})
-            ids = cols["result_ids"][q]
-            found = ids >= 0
-            for rank, (image_id, row) in enumerate(zip(ids[found], self.catalog.lookup(ids[found])), start=1):
-                pos = rank - 1
-                results.append({"run_id": self.run_id, "query_id": query["query_id"], "query_key": query["key"],
-                                "rank": rank, "image_id": int(image_id), "key": row and row["key"], "uri": row and row["uri"],
-                                "knn_rank": int(cols["knn_rank"][q][found][pos]),
-                                "knn_score": float(cols["result_knn_scores"][q][found][pos]),
-                                "rerank_score": float(cols["rerank_score"][q][found][pos]),
-                                "final_score": float(cols["final_score"][q][found][pos]), "reranker": self.reranker})
-        self.out.write_parquet(pa.Table.from_pylist(results, schema=RESULT_SCHEMA), "results", part_file(part))
-        self.out.write_parquet(pa.Table.from_pylist(failures, schema=QUERY_FAILURE_SCHEMA), "failures", part_file(part))
-        stats = QueryPartStats(part=part, rows=int(len(cols["image_id"])), queries_ok=int(cols["ok"].sum()),
-                               queries_failed=int((~cols["ok"].astype(bool)).sum()), results=len(results),
-                               pairs_scored=int(cols["pairs_scored"].sum()),
-                               candidate_failures=sum(1 for f in failures if f["stage"] == "candidate"),
-                               errors=dict(Counter(f["error_type"] for f in failures)),
-                               retries=int(cols["retries"].sum()) if "retries" in cols else 0)
-        write_contract(self.out, stats, "stats", part_file(part, "json"))  # the part's done marker
-        return stats
 
 
 def run_rerank(cfg: RerankJobConfig) -> RerankSummary:
@@ -152,10 +114,13 @@ def _rerank_leased(cfg: RerankJobConfig, index: Location, out: Location, version
     done = finished_parts(out, QueryPartStats)
     todo = [p for p in range(plan.parts) if p not in done]
     t = time.time()
-    new, timing = _rerank_parts(out, todo, cfg, index, version, manifest, run_id, boxes, roots, lease) if todo else ({}, {})
-    done.update(new)
+    timing = _rerank_parts(out, todo, cfg, index, version, manifest, run_id, boxes, roots, lease) if todo else {}
+    done = finished_parts(out, QueryPartStats)
+    missing = sorted(set(todo) - set(done))
+    if missing:
+        raise RuntimeError(f"parts {missing[:10]} of {redact(out.uri)} were not finished; re-run the job to finish them")
     stages["embed_search_rerank"] = time.time() - t
-    pairs = sum(done[p].pairs_scored for p in todo) if todo else 0
+    pairs = timing.get("pairs_scored", 0)
     errors = Counter(plan.list_errors)
     for s in done.values():
         errors.update(s.errors)
@@ -174,40 +139,59 @@ def _rerank_leased(cfg: RerankJobConfig, index: Location, out: Location, version
     return summary
 
 
+def _unfinished_tables(out: Location, todo: list[int], boxes: dict, roots: list[str]) -> tuple[list[pa.Table], dict[int, int]]:
+    """Plan rows still to do (queries of written chunks are skipped), and each todo part's size."""
+    tables, expected = [], {}
+    for part in todo:
+        table = out.read_parquet("plan", part_file(part))
+        expected[part] = table.num_rows
+        written = written_queries(out, part)
+        if written:
+            table = table.filter(pc.invert(pc.is_in(table.column("image_id"), value_set=pa.array(sorted(written), pa.int64()))))
+        if table.num_rows:
+            tables.append(with_bboxes(table, boxes, roots))
+        else:  # every query is in a chunk, but the run stopped before merging them: a task merges them now
+            ray.get(ray.remote(num_cpus=0.25)(finish_part).remote(out, part, expected[part]))
+    return tables, expected
+
+
 def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: Location, version: str, manifest: Manifest,
-                  run_id: str, boxes: dict, roots: list[str], lease: ReadLease) -> tuple[dict, dict]:
-    tables = [with_bboxes(out.read_parquet("plan", part_file(p)), boxes, roots) for p in todo]
-    expected = {p: t.num_rows for p, t in zip(todo, tables)}
-    writer = ResultWriter(out, Catalog(index, manifest), run_id, cfg.reranker.model or "knn")
-
-    def write(part: int, cols: dict) -> QueryPartStats:
-        lease.renew()
-        return writer(part, cols)
-
-    collector = PartCollector(expected, write)
+                  run_id: str, boxes: dict, roots: list[str], lease: ReadLease) -> dict:
+    """Stream the unfinished queries through decode -> embed -> search groups -> catalog + candidate fetch (tasks)
+    -> scoring (actors) -> writer tasks. The driver only counts the parts the writers finish."""
+    options = cfg.storage.options_with_retry()
+    tables, expected = _unfinished_tables(out, todo, boxes, roots)
+    if not tables:
+        return {}
+    catalog = ensure_catalog_buckets(index, manifest, out, cfg.run.catalog_bucket_rows)
+    reranker = cfg.reranker.model
+    kind = reranker_kind(reranker) if reranker else None
+    max_pixels = cfg.reranker.max_pixels
     embed_res = actor_resources(cfg.embed, "embed")
-    search_res = {"field": "search", "num_cpus": cfg.search.num_cpus, "concurrency": cfg.search.concurrency, "num_gpus": 0}
     rerank_res = actor_resources(cfg.reranker, "reranker")
-    plan_actor_pools([embed_res, search_res, rerank_res], cfg.decode.num_cpus)
-    ds = decode_and_embed(tables, cfg, manifest.model, manifest.preprocessing, cfg.queries.image_column, embed_res, index.uri)
+    search = plan_search(manifest, cfg.search)
+    plan_actor_pools([embed_res, search.resources, rerank_res], cfg.decode.num_cpus)
+    ds = decode_and_embed(tables, cfg, manifest.model, manifest.preprocessing, cfg.queries.image_column, embed_res, index.uri,
+                          keep_max_pixels=max_pixels if kind else None)
+    ds = add_search_stages(ds, search, index.uri, version, options, cfg.search.batch_size)
+    decode = {"max_pixels": cfg.decode.max_pixels, "max_bytes": cfg.decode.max_bytes, "timeout_s": cfg.decode.timeout_s}
     ds = ds.map_batches(
-        SearchIndex, batch_size=cfg.search.batch_size, batch_format="numpy", num_cpus=cfg.search.num_cpus,
-        compute=ray.data.ActorPoolStrategy(size=cfg.search.concurrency),
-        fn_constructor_kwargs=dict(index_uri=index.uri, version=version, storage_options=cfg.storage.options_with_retry(),
-                                   top_k=cfg.search.top_k, nprobe=cfg.search.nprobe or manifest.nprobe,
-                                   rescore=cfg.search.rescore if cfg.search.rescore is not None else manifest.rescore),
+        fetch_candidates, batch_size=cfg.reranker.queries_per_batch, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
+        fn_kwargs=dict(catalog_uri=catalog.folder.uri, storage_options=options, image_column=cfg.queries.image_column,
+                       depth=cfg.reranker.depth if kind else 0, decode=decode, max_pixels=max_pixels),
     ).map_batches(
-        RerankCandidates, batch_size=cfg.reranker.queries_per_batch, batch_format="numpy",
+        ScoreCandidates, batch_size=cfg.reranker.queries_per_batch, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=rerank_res["concurrency"]), num_gpus=rerank_res["num_gpus"],
         num_cpus=rerank_res["num_cpus"],
-        fn_constructor_kwargs=dict(index_uri=index.uri, version=version, storage_options=cfg.storage.options_with_retry(),
-                                   reranker={**cfg.reranker.model_dump(), "device": rerank_res["device"],
-                                             "num_threads": rerank_res["num_threads"]},
-                                   decode={"max_pixels": cfg.decode.max_pixels, "max_bytes": cfg.decode.max_bytes,
-                                           "timeout_s": cfg.decode.timeout_s},
-                                   image_column=cfg.queries.image_column),
+        fn_constructor_kwargs=dict(reranker={**cfg.reranker.model_dump(), "device": rerank_res["device"],
+                                             "num_threads": rerank_res["num_threads"]}),
+    ).map_batches(
+        write_results, batch_size=cfg.reranker.queries_per_batch, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
+        fn_kwargs=dict(out=out, run_id=run_id, reranker=reranker or "knn", expected=expected),
     )
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        collector.add(batch)
-    return collector.done, collector.timing()
-
+    started, first, pairs = time.time(), None, 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):  # one small row per chunk written
+        lease.renew()
+        pairs += int(batch["pairs_scored"].sum())
+        first = first or (time.time() if len(batch["part"]) else None)
+    return {"pairs_scored": pairs, **({"startup_seconds": round(first - started, 3)} if first else {})}

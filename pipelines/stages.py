@@ -38,7 +38,7 @@ def plan_actor_pools(pools: list[dict], decode_cpus: float) -> None:
 
 
 def decode_and_embed(tables: list, cfg, spec: ModelSpec, prep: Preprocessing, image_column: str, embed_res: dict,
-                     index_uri: str) -> "ray.data.Dataset":
+                     index_uri: str, keep_max_pixels: int | None = None) -> "ray.data.Dataset":
     """Catalog-like rows -> decoded, letterboxed pixels (tasks) -> L2-normalised embeddings (actors).
 
     The embedder class and its arguments come from the model's registered kind; `index_uri`
@@ -54,7 +54,7 @@ def decode_and_embed(tables: list, cfg, spec: ModelSpec, prep: Preprocessing, im
         scheduling_strategy="SPREAD",
         fn_kwargs=dict(image_size=prep.image_size, fill=tuple(prep.fill), max_pixels=cfg.decode.max_pixels,
                        max_bytes=cfg.decode.max_bytes, storage_options=cfg.storage.options_with_retry(), image_column=image_column,
-                       timeout_s=cfg.decode.timeout_s),
+                       timeout_s=cfg.decode.timeout_s, keep_max_pixels=keep_max_pixels),
     ).map_batches(
         kind.actor, batch_size=cfg.embed.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=embed_res["concurrency"]), scheduling_strategy="DEFAULT",

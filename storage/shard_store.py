@@ -15,6 +15,7 @@ from mllm_index.storage.catalog import embeddings_from_table
 from mllm_index.storage.contracts import FileRef, ShardRef, TrainedRef, read_contract, version_file, write_contract
 from mllm_index.storage.integrity import digest, read_verified
 from mllm_index.storage.faiss_store import add_vectors, index_from_bytes, index_to_bytes, train_index
+from mllm_index.storage.shard_vectors import write_shard_vectors
 from mllm_index.storage.uris import Location
 
 TRAINED, TRAINED_REF = "trained.faiss", "trained.json"
@@ -84,12 +85,16 @@ def build_shard(index: Location, version_name: str, shard: int, parts: list[int]
         ids.append(part_ids)
         vecs.append(part_vecs)
     filled = trained
-    if ids and sum(len(i) for i in ids):
-        filled = add_vectors(trained, np.concatenate(ids), np.concatenate(vecs).astype(np.float32), use_gpu=use_gpu)
+    ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+    vecs = np.concatenate(vecs) if vecs else np.zeros((0, trained.d), np.float16)
+    if len(ids):
+        filled = add_vectors(trained, ids, vecs.astype(np.float32), use_gpu=use_gpu)
+    # The shard's ids and float16 vectors sorted by id: an exact re-score reads only its shortlist's rows.
+    ids_ref, vectors_ref = write_shard_vectors(version, version_name, shard, ids, vecs)
     data = index_to_bytes(filled)
     version.write_bytes(data, "shards", shard_file(shard))
     ref = ShardRef(file=digest(version_file(version_name, "shards", shard_file(shard)), data), shard=shard, parts=parts,
-                   ntotal=int(filled.ntotal))
+                   ntotal=int(filled.ntotal), ids=ids_ref, vectors=vectors_ref)
     write_contract(version, ref, "shards", shard_file(shard, "json"))  # the shard's done marker
     return ref
 

@@ -157,11 +157,10 @@ def test_the_time_limit_works_in_any_calling_thread():
 
 
 def test_the_rerank_stage_decodes_with_the_configured_time_limit():
-    from mllm_index.actors.rerank import RerankCandidates  # imports torch: only this test pays for it
+    from mllm_index.actors.fetch import decoded  # the candidate fetch tasks of the rerank job
 
-    actor = object.__new__(RerankCandidates)  # only the decoding settings matter here, not an index
-    actor.decode, actor.draft, actor.max_pixels = {**LIMITS, "timeout_s": ROOMY}, 256, 65_536
-    assert actor._image(odd_files()["odd/photo.webp"][0]).mode == "RGB"
+    decode = {**LIMITS, "timeout_s": ROOMY}
+    assert decoded(odd_files()["odd/photo.webp"][0], decode, 65_536).mode == "RGB"
     with pytest.raises(DecodeFailure) as info:
-        actor._image(scan_bomb())
+        decoded(scan_bomb(), decode, 65_536)
     assert info.value.error_type == "decode_timeout"

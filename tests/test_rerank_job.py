@@ -97,19 +97,8 @@ def read_results(out: Location) -> pa.Table:
     return pa.concat_tables([out.read_parquet("results", n) for n in out.list_names("results")])
 
 
-def test_rerank_end_to_end(setup, planted_vlm):
-    out_uri = f"s3://{setup['bucket']}/runs/planted"
-    summary = run_rerank(rerank_config(setup, out_uri, planted_vlm))
-    out = Location(out_uri, setup["options"])
-    assert summary.queries.model_dump() == {"seen": 4, "ok": 4, "failed": 0, "skipped": 0} and summary.parts == 2
-    results = read_results(out)
-    assert results.schema == RESULT_SCHEMA
-    rows = results.to_pylist()
-    by_query = {}
-    for r in rows:
-        by_query.setdefault(r["query_key"], []).append(r)
-    assert sorted(by_query) == ["q0", "q1", "q2", "q3"]
-
+def assert_scores_are_the_models(by_query: dict[str, list[dict]], setup, planted_vlm) -> None:
+    """Ranks, kNN order past the depth, the unreadable candidate in place, and every score the model's P(yes)."""
     scorer = MLLMScorer(planted_vlm, max_pixels=MAX_PIXELS)
     missing_id = image_id(setup["source"], setup["missing"])
     changed = 0
@@ -134,6 +123,23 @@ def test_rerank_end_to_end(setup, planted_vlm):
         np.testing.assert_allclose([r["rerank_score"] for r in scored], scorer.score(pairs), atol=1e-4)
     assert changed >= 1  # the planted model's answers really re-ordered some query's candidates
 
+
+def test_rerank_end_to_end(setup, planted_vlm):
+    out_uri = f"s3://{setup['bucket']}/runs/planted"
+    summary = run_rerank(rerank_config(setup, out_uri, planted_vlm))
+    out = Location(out_uri, setup["options"])
+    assert summary.queries.model_dump() == {"seen": 4, "ok": 4, "failed": 0, "skipped": 0} and summary.parts == 2
+    results = read_results(out)
+    assert results.schema == RESULT_SCHEMA
+    rows = results.to_pylist()
+    by_query = {}
+    for r in rows:
+        by_query.setdefault(r["query_key"], []).append(r)
+    assert sorted(by_query) == ["q0", "q1", "q2", "q3"]
+
+    assert_scores_are_the_models(by_query, setup, planted_vlm)
+    missing_id = image_id(setup["source"], setup["missing"])
+
     failures = pa.concat_tables([out.read_parquet("failures", n) for n in out.list_names("failures")]).to_pylist()
     hits = [f for f in failures if f["image_id"] == missing_id]
     assert hits and all(f["stage"] == "candidate" and f["key"] == setup["missing"] for f in hits)
@@ -156,6 +162,15 @@ def test_rerank_end_to_end(setup, planted_vlm):
     out.delete("results", "part-00001.parquet")
     again = run_rerank(rerank_config(setup, out_uri, planted_vlm))
     assert again.parts_this_run == 1 and again.run_id == summary.run_id
+    assert again.pairs_scored_this_run == 0  # its queries were in written chunks: merged again, not re-scored
+    # Lost with its chunks too: its queries are scored again, and only they.
+    out.delete("stats", "part-00001.json")
+    out.delete("results", "part-00001.parquet")
+    out.delete("chunks", "part-00001.d")
+    third = run_rerank(rerank_config(setup, out_uri, planted_vlm))
+    assert third.parts_this_run == 1 and 0 < third.pairs_scored_this_run <= 2 * DEPTH
+    for run in (again, third):
+        assert run.queries.ok == 4 and run.results == 4 * TOP_K
     after = read_results(out).sort_by([("query_id", "ascending"), ("rank", "ascending")])
     assert after.num_rows == before.num_rows == 4 * TOP_K
     assert after.column("image_id").to_pylist() == before.column("image_id").to_pylist()
@@ -174,3 +189,19 @@ def test_knn_only_run_and_model_mismatch(setup, tiny_clip):
     assert all(r["rank"] == r["knn_rank"] and np.isnan(r["rerank_score"]) for r in rows)
     with pytest.raises(ConfigError, match="was built with"):
         run_rerank(rerank_config(setup, f"s3://{setup['bucket']}/runs/other", None, query_model=tiny_clip))
+
+
+def test_rerank_on_a_multi_node_cluster(setup, planted_vlm, ray_cluster):
+    """A 0-CPU head (it only coordinates, as in cluster.yaml) and two worker nodes: the same answers."""
+    import ray
+
+    out_uri = f"s3://{setup['bucket']}/runs/cluster"
+    summary = run_rerank(rerank_config(setup, out_uri, planted_vlm))
+    assert summary.queries.ok == 4 and summary.parts == 2 and summary.pairs_scored_this_run > 0
+    by_query = {}
+    for r in read_results(Location(out_uri, setup["options"])).to_pylist():
+        by_query.setdefault(r["query_key"], []).append(r)
+    assert sorted(by_query) == ["q0", "q1", "q2", "q3"]
+    assert_scores_are_the_models(by_query, setup, planted_vlm)
+    head = next(n for n in ray.nodes() if n["Resources"].get("CPU", 0) == 0)
+    assert head["Alive"] and len([n for n in ray.nodes() if n["Alive"]]) == 3
