@@ -11,10 +11,12 @@ import html
 import io
 from collections import defaultdict
 
+import numpy as np
 from PIL import Image
 
 from mllm_index.actors.decode import DecodeFailure, open_image
 from mllm_index.storage.ground_truth import read_ground_truth
+from mllm_index.storage.catalog_index import FOLDER, INDEX, CatalogBuckets
 from mllm_index.storage.search import Catalog
 from mllm_index.storage.sources import fetch_bytes
 from mllm_index.storage.uris import Location, redact
@@ -64,8 +66,11 @@ def write_report(results_uri: str, ground_truth_uri: str | None = None, queries:
     """Write report.html next to the results; returns its URI."""
     out = Location(results_uri, storage_options)
     run = out.read_json("run.json")
-    index = Location(run["settings"]["index_uri"], storage_options)
-    catalog = Catalog(index, read_manifest(index, run["index_version"]))
+    if out.exists(FOLDER, INDEX):  # the run's catalog by id: only the shown candidates' buckets are read
+        catalog = CatalogBuckets(out)
+    else:  # a run from before the catalog by id: the version's catalog, read whole
+        index = Location(run["settings"]["index_uri"], storage_options)
+        catalog = Catalog(index, read_manifest(index, run["index_version"]))
     results = out.read_parquet_folder("results")
     by_query = defaultdict(list)
     for row in results.to_pylist():
@@ -76,7 +81,7 @@ def write_report(results_uri: str, ground_truth_uri: str | None = None, queries:
     sample = sorted(by_query)[:queries]
 
     wanted = {r["image_id"] for q in sample for r in by_query[q] if r["rank"] <= top or r["knn_rank"] <= top}
-    entries = [e for e in catalog.lookup(sorted(wanted)) if e is not None]
+    entries = [e for e in catalog.lookup(np.array(sorted(wanted), np.int64)) if e is not None]
     thumbs = {int(e["image_id"]): thumbnail(d) for e, d in zip(entries, fetch_bytes(entries, storage_options or {}))}
     query_entries = [query_rows[q] for q in sample]
     query_thumbs = dict(zip(sample, (thumbnail(d) for d in fetch_bytes(query_entries, storage_options or {}))))
