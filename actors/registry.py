@@ -93,10 +93,15 @@ def _transformers_kwargs(spec: ModelSpec, prep: Preprocessing, ctx: EmbedContext
 
 
 def _mllm_scorer(r: dict) -> Scorer:
-    from mllm_index.actors.mllm import MLLMScorer
+    """A checkpoint scored by its `reranker.backend`: transformers, vllm (extra [vllm]), or auto (vllm on a GPU)."""
+    from mllm_index.actors.mllm import MLLMScorer, scorer_kwargs
+    from mllm_index.actors.vllm_scorer import resolve_backend
 
-    return MLLMScorer(r["model"], r["prompt"], r["yes_words"], r["no_words"], r["max_pixels"], r["batch_size"],
-                      r["dtype"], r["device"], r.get("num_threads"))
+    if resolve_backend(r) == "vllm":
+        from mllm_index.actors.vllm_scorer import VLLMScorer
+
+        return VLLMScorer(**scorer_kwargs(r), engine=r.get("vllm_engine"))
+    return MLLMScorer(**scorer_kwargs(r))
 
 
 # -- classic local features (extra `classic`) --------------------------------------------------

@@ -9,6 +9,8 @@ storage. A candidate that could not be had keeps its kNN position (its rank does
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from mllm_index.actors.registry import reranker_kind
@@ -39,6 +41,9 @@ class ScoreCandidates:
     def __init__(self, reranker: dict):
         self.depth, self.weight, self.symmetric = reranker["depth"], reranker["fusion_weight"], reranker["symmetric"]
         self.scorer = reranker_kind(reranker["model"]).make(reranker) if reranker.get("model") else None
+        # Image keys let an MLLM scorer encode a candidate shared by several queries of the batch once
+        # (after Ray Data serialisation the rows hold separate copies, so object identity cannot tell).
+        self.keyed = self.scorer is not None and "keys" in inspect.signature(self.scorer.score).parameters
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n, k = batch["knn_ids"].shape
@@ -48,7 +53,7 @@ class ScoreCandidates:
         depth = min(self.depth, k) if self.scorer is not None else 0
         pairs_scored = np.zeros(n, np.int32)
         if depth:
-            pairs, where = [], []
+            pairs, where, keys = [], [], []
             for q in range(n):
                 query_image = batch["query_image"][q] if batch["ok"][q] else None
                 if query_image is None:
@@ -57,9 +62,11 @@ class ScoreCandidates:
                     if image is not None:
                         pairs.append((query_image, image))
                         where.append((q, pos))
-            scores = self.scorer.score(pairs)
+                        keys.append((("query", q), ("image", int(batch["knn_ids"][q, pos]))))
+            score = (lambda p, kk: self.scorer.score(p, keys=kk)) if self.keyed else (lambda p, kk: self.scorer.score(p))
+            scores = score(pairs, keys)
             if self.symmetric and pairs:
-                scores = (scores + self.scorer.score([(c, q) for q, c in pairs])) / 2
+                scores = (scores + score([(c, q) for q, c in pairs], [(c, q) for q, c in keys])) / 2
             for (q, pos), s in zip(where, scores):
                 rerank[q, pos] = s
                 pairs_scored[q] += 1

@@ -12,6 +12,7 @@ a hub id.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -55,36 +56,117 @@ def tokenizer(specials: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def _text(vocab: int, **extra) -> dict:
-    return dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=0, eos_token_id=1, bos_token_id=1, **extra)
+@dataclass(frozen=True)
+class Size:
+    """Shapes of a random model: `TINY` for unit tests, `MID` where vLLM's CPU kernels need head_dim 64."""
+
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    ffn: int = 128
+    vision: int = 32
+    vision_depth: int = 2
+    vision_heads: int = 2
+    max_pixels: int = 112 * 112  # the processor's own budget (the scorer may override it)
+
+    @property
+    def half_head(self) -> int:
+        return self.hidden // self.heads // 2
 
 
-def build_qwen2_vl(path: Path, v25: bool = False) -> str:
-    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2_5_VLProcessor
+TINY = Size()
+MID = Size(hidden=256, layers=4, heads=4, kv_heads=2, ffn=512, vision=128, vision_depth=2, vision_heads=2, max_pixels=224 * 224)
 
-    tok = tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")}
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2)
-    processor_class = Qwen2_5_VLProcessor if v25 else Qwen2VLProcessor
+
+def _text(vocab: int, size: Size = TINY, **extra) -> dict:
+    return dict(vocab_size=vocab, hidden_size=size.hidden, intermediate_size=size.ffn, num_hidden_layers=size.layers,
+                num_attention_heads=size.heads, num_key_value_heads=size.kv_heads, max_position_embeddings=4096,
+                pad_token_id=0, eos_token_id=1, bos_token_id=1, **extra)
+
+
+QWEN_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def _qwen_processor(processor_class, patch: int, size: Size):
+    from transformers import Qwen2VLImageProcessorPil
+
+    tok = tokenizer(list(QWEN_TOKENS))
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_TOKENS}
+    factor = patch * 2
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=factor * factor, max_pixels=size.max_pixels, patch_size=patch,
+                                               merge_size=2, temporal_patch_size=2)
     processor = without_video_processor(processor_class)(
         image_processor=image_processor, tokenizer=tok, **video_kwargs(processor_class),
         chat_template=TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>"))
     common = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
                   vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    if v25:
-        from transformers import Qwen2_5_VLConfig as Config, Qwen2_5_VLForConditionalGeneration as Model
+    return tok, processor, common
 
-        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+
+def _video_config(path: Path, video_class: str, patch: int, size: Size) -> None:
+    """The video processor config that Qwen processors declare (vLLM loads the full processor).
+
+    Written as JSON because constructing a video processor needs torchvision, which CPU-only
+    torch installs lack; the scorer never sends video."""
+    (path / "video_preprocessor_config.json").write_text(json.dumps({
+        "video_processor_type": video_class, "patch_size": patch, "temporal_patch_size": 2, "merge_size": 2,
+        "size": {"shortest_edge": (2 * patch) ** 2, "longest_edge": size.max_pixels}}, indent=2))
+
+
+QWEN_CLASSES = {  # family: (processor, config, model, video processor, patch size)
+    "qwen2_vl": ("Qwen2VLProcessor", "Qwen2VLConfig", "Qwen2VLForConditionalGeneration", "Qwen2VLVideoProcessor", 14),
+    "qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2_5_VLConfig", "Qwen2_5_VLForConditionalGeneration", "Qwen2VLVideoProcessor", 14),
+    "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLConfig", "Qwen3VLForConditionalGeneration", "Qwen3VLVideoProcessor", 16),
+}
+
+
+def build_qwen(path: Path, family: str, size: Size = TINY, text: dict | None = None, vision: dict | None = None,
+               dtype: torch.dtype | None = None, device: str | None = None) -> str:
+    """A random Qwen2-VL, Qwen2.5-VL or Qwen3-VL (also the shape of Qwen3-VL-Reranker) checkpoint.
+
+    `text` / `vision` override config entries (the GPU benchmark builds real-size shapes this way);
+    `device` is where the weights are initialised (a GPU makes billions of parameters quick)."""
+    import transformers
+
+    processor_name, config_name, model_name, video_name, patch = QWEN_CLASSES[family]
+    processor_class = getattr(transformers, processor_name)
+    tok, processor, common = _qwen_processor(processor_class, patch, size)
+    half = size.half_head
+    v = size.vision
+    if family == "qwen3_vl":  # interleaved M-RoPE and DeepStack features
+        third = 5 * half // 16
+        text_config = _text(len(tok), size, head_dim=size.hidden // size.heads, rope_parameters={
+            "rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [half - 2 * third, third, third],
+            "mrope_interleaved": True})
+        vision_config = dict(depth=size.vision_depth, hidden_size=v, intermediate_size=2 * v, num_heads=size.vision_heads,
+                             out_hidden_size=size.hidden, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                             num_position_embeddings=64, deepstack_visual_indexes=[0])
     else:
-        from transformers import Qwen2VLConfig as Config, Qwen2VLForConditionalGeneration as Model
+        third = 3 * half // 8
+        text_config = _text(len(tok), size, rope_scaling={"type": "mrope", "mrope_section": [half - 2 * third, third, third]})
+        if family == "qwen2_5_vl":
+            vision_config = dict(depth=size.vision_depth, hidden_size=v, intermediate_size=2 * v, num_heads=size.vision_heads,
+                                 out_hidden_size=size.hidden, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                                 window_size=56, fullatt_block_indexes=[size.vision_depth - 1])
+        else:
+            vision_config = dict(depth=size.vision_depth, embed_dim=v, hidden_size=size.hidden, num_heads=size.vision_heads,
+                                 mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    config = getattr(transformers, config_name)(text_config={**text_config, **(text or {})},
+                                                vision_config={**vision_config, **(vision or {})}, **common)
+    with torch.device(device or "cpu"):
+        model = getattr(transformers, model_name)(config)
+    out = _save(path, processor, model.to(dtype) if dtype else model)
+    _video_config(path, video_name, patch, size)
+    return out
 
-        vision = dict(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2)
-    config = Config(text_config=_text(len(tok), rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
-                    vision_config=vision, **common)
-    return _save(path, processor, Model(config))
+
+def build_qwen2_vl(path: Path, v25: bool = False, size: Size = TINY) -> str:
+    return build_qwen(path, "qwen2_5_vl" if v25 else "qwen2_vl", size)
+
+
+def build_qwen3_vl(path: Path, size: Size = TINY) -> str:
+    return build_qwen(path, "qwen3_vl", size)
 
 
 def build_idefics3(path: Path, smolvlm: bool = False) -> str:
@@ -143,7 +225,15 @@ def _seeded(build):
 BUILDERS = {
     "qwen2_vl": _seeded(lambda p: build_qwen2_vl(p)),
     "qwen2_5_vl": _seeded(lambda p: build_qwen2_vl(p, v25=True)),
+    "qwen3_vl": _seeded(lambda p: build_qwen3_vl(p)),
     "idefics3": _seeded(lambda p: build_idefics3(p)),
     "smolvlm": _seeded(lambda p: build_idefics3(p, smolvlm=True)),
     "llava_onevision": _seeded(build_llava_onevision),
+}
+
+# Head dim 64 (vLLM's CPU attention kernels), 224-px images at <= 64 visual tokens: the vLLM test and the benchmark.
+MID_BUILDERS = {
+    "qwen2_vl": _seeded(lambda p: build_qwen2_vl(p, size=MID)),
+    "qwen2_5_vl": _seeded(lambda p: build_qwen2_vl(p, v25=True, size=MID)),
+    "qwen3_vl": _seeded(lambda p: build_qwen3_vl(p, size=MID)),
 }
