@@ -93,7 +93,8 @@ def run_rerank(cfg: RerankJobConfig) -> RerankSummary:
                           f"not {cfg.query_model!r}; queries must be embedded by the same backbone")
     settings = {"queries": cfg.queries.model_dump(), "index_uri": redact(index.uri), "index_version": version,
                 "top_k": cfg.search.top_k, "reranker": cfg.reranker.model_dump(include={"model", "prompt", "yes_words",
-                "no_words", "depth", "max_pixels", "symmetric", "fusion_weight"}), "part_size": cfg.run.part_size}
+                "no_words", "depth", "max_pixels", "min_pixels", "symmetric", "fusion_weight", "system_prompt", "instruction",
+                "between_images"}), "part_size": cfg.run.part_size}
     run_id = cfg.run.run_id or fingerprint(settings)
     if previous and previous["fingerprint"] != fingerprint(settings):
         raise ConfigError(f"output_uri {redact(out.uri)} holds run {previous['run_id']} with other settings; "
