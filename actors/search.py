@@ -56,7 +56,7 @@ class SearchShardGroup:
         location = Location(index_uri, storage_options)
         manifest = read_manifest(location, version)
         self.metric = manifest.metric
-        self.group = ShardGroup(location, manifest, shards) if shards else None
+        self.group = ShardGroup(location, manifest, shards, cache_dir) if shards else None
         self.rescorer = (ShardRescorer(location, [manifest.shards[p] for p in rescore_shards], cache_dir)
                          if rescore_shards else None)
         self.top_k, self.depth, self.nprobe, self.rescore, self.final = top_k, depth, nprobe, rescore, final

@@ -23,7 +23,7 @@ import ray
 
 from mllm_index.actors.search import SearchIndex, SearchShardGroup
 from mllm_index.storage.contracts import Manifest
-from mllm_index.storage.search import has_shard_vectors, plan_groups, shard_bytes
+from mllm_index.storage.search import group_bytes, has_shard_vectors, plan_groups
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +66,13 @@ def plan_search(manifest: Manifest, search) -> SearchPlan:
                     "shard and every vector; rebuild or update the index to search it by shard groups", manifest.version)
         return SearchPlan(legacy=True, **common)
     shards, budget, per_actor = manifest.shards, search.max_bytes_per_actor, search.shards_per_actor
-    pq_groups = plan_groups(shards, budget, per_actor, index=True) or [[]]
+    shared = manifest.trained.bytes or 0  # the coarse quantizer and codebooks: held once per group
+    pq_groups = plan_groups(shards, budget, per_actor, index=True, shared=shared) or [[]]
     if not rescore:
         stages = [SearchStage(g, [], final=j == len(pq_groups) - 1) for j, g in enumerate(pq_groups)]
         return SearchPlan(stages=stages, **common)
     last = pq_groups[-1]
-    fuse = not budget or sum(shard_bytes(shards[p], index=True, ids=True) for p in last) <= budget
+    fuse = not budget or group_bytes([shards[p] for p in last], index=True, ids=True, shared=shared) <= budget
     rest = [p for p in range(len(shards)) if not (fuse and p in last)]
     rs_groups = [[rest[i] for i in g] for g in plan_groups([shards[p] for p in rest], budget, per_actor, index=False, ids=True)]
     stages = [SearchStage(g, [], final=False) for g in pq_groups[:-1]]

@@ -135,7 +135,8 @@ class Manifest(Contract):
     def files(self) -> list[FileRef]:
         """Every file the version references."""
         model_files = list(self.model.files.values()) if self.model else []
-        return [self.trained, *(s.file for s in self.shards), *self.embeddings, *self.catalog, *self.failures, *model_files]
+        shard_files = [f for s in self.shards for f in s.files()]
+        return [self.trained, *shard_files, *self.embeddings, *self.catalog, *self.failures, *model_files]
 
     @property
     def ntotal(self) -> int:

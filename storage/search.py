@@ -18,12 +18,13 @@ import hashlib
 from typing import Literal
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from mllm_index.storage.catalog import embeddings_from_table
-from mllm_index.storage.contracts import Manifest, ShardRef
+from mllm_index.storage.contracts import FileRef, Manifest, ShardRef
 from mllm_index.storage.faiss_store import faiss, merge_topk, set_nprobe
 from mllm_index.storage.integrity import IntegrityError, load_faiss_verified, read_verified_parquet, where
-from mllm_index.storage.shard_vectors import PAIR_CHUNK, ShardRescorer, pair_scores
+from mllm_index.storage.shard_vectors import PAIR_CHUNK, ShardRescorer, local_copy, pair_scores
 from mllm_index.storage.uris import Location
 from mllm_index.storage.versions import read_latest, read_manifest
 
@@ -35,24 +36,34 @@ def has_shard_vectors(manifest: Manifest) -> bool:
     return all(s.ids is not None and s.vectors is not None for s in manifest.shards)
 
 
-def shard_bytes(shard: ShardRef, index: bool = True, ids: bool = False) -> int:
+def shard_bytes(shard: ShardRef, index: bool = True, ids: bool = False, shared: int = 0) -> int:
     """Memory a shard takes in an actor: its FAISS file (codes, ids, lists) and/or its sorted ids.
-    A format-1 shard without a recorded size counts 0 (grouping by count still bounds it)."""
-    return (shard.file.bytes or 0) * index + ID_BYTES * shard.ntotal * ids
+    `shared`: bytes of the file it shares with the other shards of its group (the trained index:
+    coarse quantizer and codebooks), counted once per group. A format-1 shard without a recorded
+    size counts 0 (grouping by count still bounds it)."""
+    return max(0, (shard.file.bytes or 0) - shared) * index + ID_BYTES * shard.ntotal * ids
+
+
+def group_bytes(shards: list[ShardRef], index: bool = True, ids: bool = False, shared: int = 0) -> int:
+    """Memory of a group of shards in one actor: `shard_bytes` each, plus the shared part once."""
+    return sum(shard_bytes(s, index, ids, shared) for s in shards) + (shared if index and shards else 0)
 
 
 def plan_groups(shards: list[ShardRef], max_bytes: int | None, max_shards: int | None, index: bool = True,
-                ids: bool = False) -> list[list[int]]:
+                ids: bool = False, shared: int = 0) -> list[list[int]]:
     """Consecutive shards (positions in `shards`) packed into groups of at most `max_bytes`
-    (see `shard_bytes`) and `max_shards` each; a shard larger than the budget gets a group alone."""
+    (see `group_bytes`) and `max_shards` each; a shard larger than the budget gets a group alone.
+
+    `shared` is the trained index's size: every shard file carries a copy of the coarse quantizer
+    (201 MB for IVF131072 at dim 384), which a ShardGroup holds once."""
     groups: list[list[int]] = []
     held = 0
     for pos, shard in enumerate(shards):
-        size = shard_bytes(shard, index, ids)
+        size = shard_bytes(shard, index, ids, shared)
         full = groups and ((max_shards and len(groups[-1]) >= max_shards) or (max_bytes and held + size > max_bytes))
         if not groups or full:
             groups.append([])
-            held = 0
+            held = shared if index else 0
         groups[-1].append(pos)
         held += size
     return groups
@@ -67,22 +78,36 @@ def exact_order(exact: np.ndarray, ids: np.ndarray, metric: str) -> tuple[np.nda
     return np.take_along_axis(exact, order, 1), np.take_along_axis(np.where(valid, ids, -1), order, 1)
 
 
+def load_shard(location: Location, ref: FileRef, cache_dir: str | None = None):
+    """A shard read by FAISS straight from a verified file on the local disk (the index's own file
+    on a local filesystem, else a copy in `cache_dir`), so loading holds no second copy of it in
+    memory (reading the bytes and deserializing them held three). A remote format-1 shard,
+    without a checksum to name its cached copy, is read from its bytes."""
+    if ref.sha256 is None and not isinstance(location.fs, LocalFileSystem):
+        return load_faiss_verified(location, ref)
+    path = local_copy(location, ref, cache_dir)
+    try:
+        return faiss.read_index(path)
+    except Exception as exc:  # faiss raises RuntimeError with its own C++ message, without the file name
+        raise IntegrityError(f"{where(location, ref)}: not a readable FAISS index ({str(exc).strip()[:200]})") from None
+
+
 class ShardGroup:
     """Some shards of a version in memory, searched as one index.
 
     All shards of a version are copies of one trained index, so they share one coarse
     quantizer: the group keeps one copy of it (checked equal when each shard is loaded) and
-    assigns each query block to its lists once, not once per shard. Shards are loaded one at
-    a time, so loading peaks at the group plus one shard's file.
+    assigns each query block to its lists once, not once per shard. Shards are read one at a
+    time from verified local files (`load_shard`), so loading peaks at the group itself.
     """
 
-    def __init__(self, location: Location, manifest: Manifest, positions: list[int]):
+    def __init__(self, location: Location, manifest: Manifest, positions: list[int], cache_dir: str | None = None):
         self.metric = manifest.metric
         self.refs = [manifest.shards[p] for p in positions]
         self.indexes, self.ivfs = [], []
         self.quantizer = None
         for ref in self.refs:
-            index = load_faiss_verified(location, ref.file)  # the owning proxy, already of its concrete type
+            index = load_shard(location, ref.file, cache_dir)  # the owning proxy, already of its concrete type
             ivf = index if isinstance(index, faiss.IndexIVF) else None  # wrapped indexes search shard by shard
             if ivf is not None:
                 self._share_quantizer(location, ref, ivf)

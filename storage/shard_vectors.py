@@ -28,7 +28,7 @@ from mllm_index.storage.integrity import IntegrityError, digest, read_verified, 
 from mllm_index.storage.uris import Location
 
 COPY_CHUNK = 8 << 20  # bytes per read while copying and hashing: bounds the copy's memory
-PAIR_CHUNK = 4096  # (query, candidate) pairs scored at once: bounds the re-score's memory
+PAIR_CHUNK = 1024  # (query, candidate) pairs scored at once: bounds the re-score's memory (~6 MB at dim 384)
 READ_THREADS, READ_RUNS_PER_THREAD = 8, 256  # positioned reads in flight, for files not in the page cache
 
 
@@ -105,7 +105,7 @@ def local_copy(index: Location, ref: FileRef, cache_dir: str | None = None) -> s
         return path
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
-    target = os.path.join(cache_dir, f"{ref.sha256 or uuid.uuid4().hex}.npy")
+    target = os.path.join(cache_dir, f"{ref.sha256 or uuid.uuid4().hex}{os.path.splitext(ref.path)[1]}")
     if ref.sha256 and os.path.exists(target) and (ref.bytes is None or os.path.getsize(target) == ref.bytes):
         return target
 

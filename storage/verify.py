@@ -59,7 +59,7 @@ def _check_file(index: Location, ref: FileRef, kind: str, manifest: Manifest) ->
             if faiss_index.d != manifest.dim or not faiss_index.is_trained:
                 raise ValueError(f"dimension {faiss_index.d} (manifest: {manifest.dim}), trained={faiss_index.is_trained}")
             return int(faiss_index.ntotal), len(data)
-        if kind == "model":
+        if kind == "array":
             np.load(io.BytesIO(data), allow_pickle=False)
             return 0, len(data)
         columns = {"embeddings": ["image_id", "embedding"], "catalog": ["image_id", "key", "uri", "offset", "length"],
@@ -81,9 +81,10 @@ def verify_version(index: Location, version: str, threads: int = 8) -> VersionCh
         check.problems.append(str(exc))
         return check
     jobs = [(manifest.trained, "trained"), *((s.file, "shard") for s in manifest.shards),
+            *((f, "array") for s in manifest.shards for f in (s.ids, s.vectors) if f is not None),
             *((r, "embeddings") for r in manifest.embeddings), *((r, "catalog") for r in manifest.catalog),
             *((r, "failures") for r in manifest.failures),
-            *((r, "model") for r in (manifest.model.files.values() if manifest.model else []))]
+            *((r, "array") for r in (manifest.model.files.values() if manifest.model else []))]
     rows: dict[str, int] = {}
     shard_vectors: dict[str, int] = {}
 
