@@ -66,10 +66,10 @@ def write_report(results_uri: str, ground_truth_uri: str | None = None, queries:
     """Write report.html next to the results; returns its URI."""
     out = Location(results_uri, storage_options)
     run = out.read_json("run.json")
+    index = Location(run["settings"]["index_uri"], storage_options)
     if out.exists(FOLDER, INDEX):  # the run's catalog by id: only the shown candidates' buckets are read
         catalog = CatalogBuckets(out)
     else:  # a run from before the catalog by id: the version's catalog, read whole
-        index = Location(run["settings"]["index_uri"], storage_options)
         catalog = Catalog(index, read_manifest(index, run["index_version"]))
     results = out.read_parquet_folder("results")
     by_query = defaultdict(list)

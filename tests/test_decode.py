@@ -112,14 +112,16 @@ def test_decode_batch_keeps_every_row_and_reports_read_errors(tmp_path):
 def test_a_slow_decode_becomes_decode_timeout_and_the_abandoned_work_stops():
     untimed = untimed_decode_s()
     assert untimed > 0.25, f"the crafted input decodes in {untimed:.2f} s: too fast to test a 0.05 s limit"
-    for decode in (lambda: decode_image(scan_bomb(), 56, **LIMITS, timeout_s=0.05),
-                   lambda: open_image(scan_bomb(), **LIMITS, draft_long_side=256, timeout_s=0.05)):
+    data = scan_bomb()  # crafted outside the timed calls
+    for decode in (lambda: decode_image(data, 56, **LIMITS, timeout_s=0.05),
+                   lambda: open_image(data, **LIMITS, draft_long_side=256, timeout_s=0.05)):
         started = time.perf_counter()
         with pytest.raises(DecodeFailure) as info:
             decode()
         waited = time.perf_counter() - started
         assert info.value.error_type == "decode_timeout" and "decode.timeout_s=0.05" in str(info.value)
-        assert waited < min(0.3, untimed / 2), f"waited {waited:.2f} s for a 0.05 s limit"
+        # Relative to the untimed decode measured in the same conditions: a loaded machine slows both.
+        assert waited < untimed / 2, f"waited {waited:.2f} s for a 0.05 s limit (untimed decode: {untimed:.2f} s)"
         # The decode thread left behind sees its cancellation at its next read and ends
         # long before the decode would have (untimed from the start).
         helpers = [t for t in threading.enumerate() if t.name.startswith("decode")]
