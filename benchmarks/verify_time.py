@@ -67,7 +67,7 @@ def main() -> None:
     rows += measure(f"{args.vectors:,} x {args.dim} ({args.factory})", Location(str(work / "idx")))
 
     print(f"\n(publishing the {args.vectors:,}-vector version took {built:.1f}s)")
-    print(f"| index | pass | files | MiB | seconds | MiB/s |\n| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| index | pass | files | MiB | seconds | MiB/s |\n| --- | --- | ---: | ---: | ---: | ---: |")
     for name, what, files, mib, seconds in rows:
         print(f"| {name} | {what} | {files} | {mib:.1f} | {seconds:.2f} | {mib / seconds:.0f} |")
 

@@ -139,3 +139,22 @@ def tiny_siglip(tmp_path_factory) -> str:
     SiglipModel(config).eval().save_pretrained(path)
     SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def planted_vlm(tmp_path_factory) -> str:
+    """A tiny Qwen2-VL whose yes/no logits are +v.h / -v.h: its answer depends on the images, so
+    re-ranking really reorders candidates and a score can be recomputed outside a job."""
+    import torch
+
+    from mllm_index.actors.mllm import MLLMScorer
+    from mllm_index.pipelines.tiny_models import build_qwen2_vl
+
+    path = Path(build_qwen2_vl(tmp_path_factory.mktemp("planted") / "qwen2-vl"))
+    scorer = MLLMScorer(str(path))
+    direction = 0.05 * torch.randn(scorer.model.lm_head.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        scorer.model.lm_head.weight[scorer.yes_ids] = direction
+        scorer.model.lm_head.weight[scorer.no_ids] = -direction
+    scorer.model.save_pretrained(path)
+    return str(path)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from galleries import write_files
 from PIL import Image
-from mllm_index.pipelines.tiny_models import build_qwen2_vl
 
 from mllm_index.actors.decode import open_image
 from mllm_index.actors.mllm import MLLMScorer
@@ -27,19 +24,6 @@ from mllm_index.storage.uris import Location
 
 pytestmark = pytest.mark.e2e
 TOP_K, DEPTH, MAX_PIXELS = 6, 4, 112 * 112
-
-
-@pytest.fixture(scope="module")
-def planted_vlm(tmp_path_factory) -> str:
-    """A tiny Qwen2-VL whose yes/no logits are +v.h / -v.h: its answer depends on the images."""
-    path = Path(build_qwen2_vl(tmp_path_factory.mktemp("planted") / "qwen2-vl"))
-    scorer = MLLMScorer(str(path))
-    direction = 0.05 * torch.randn(scorer.model.lm_head.weight.shape[1], generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        scorer.model.lm_head.weight[scorer.yes_ids] = direction
-        scorer.model.lm_head.weight[scorer.no_ids] = -direction
-    scorer.model.save_pretrained(path)
-    return str(path)
 
 
 def jpeg(img: Image.Image) -> bytes:

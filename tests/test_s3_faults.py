@@ -15,12 +15,10 @@ import socket
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from faultproxy import KINDS, FaultProxy
 from galleries import parquet_bytes, tar_bytes, write_files
 from inputs import bad_files
@@ -187,22 +185,6 @@ def test_update_through_faults_matches_a_clean_run(world, updated):
     assert len(contents["catalog"]) == 34
     assert comparable(faulty.build) == comparable(clean.build)
     assert faulty.build.storage_retries.driver + faulty.build.storage_retries.workers > 0
-
-
-@pytest.fixture(scope="module")
-def planted_vlm(tmp_path_factory) -> str:
-    """The tiny Qwen2-VL of the rerank e2e test, with yes/no logits +v.h / -v.h: its answers depend on the images."""
-    from mllm_index.actors.mllm import MLLMScorer
-    from mllm_index.pipelines.tiny_models import build_qwen2_vl
-
-    path = Path(build_qwen2_vl(tmp_path_factory.mktemp("planted") / "qwen2-vl"))
-    scorer = MLLMScorer(str(path))
-    direction = 0.05 * torch.randn(scorer.model.lm_head.weight.shape[1], generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        scorer.model.lm_head.weight[scorer.yes_ids] = direction
-        scorer.model.lm_head.weight[scorer.no_ids] = -direction
-    scorer.model.save_pretrained(path)
-    return str(path)
 
 
 def rerank_config(world, output: str, options: dict, model: str, version: str) -> RerankJobConfig:
