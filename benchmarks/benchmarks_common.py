@@ -10,17 +10,21 @@ from PIL import Image, ImageEnhance, ImageOps
 from mllm_index.pipelines.demo import bundled_photos
 
 
+def random_crop(img: Image.Image, rng: random.Random, min_fraction: float) -> Image.Image:
+    """A crop of between min_fraction and all of each side, at a random place: another view of the same scene."""
+    w, h = img.size
+    f = rng.uniform(min_fraction, 1.0)
+    x, y = rng.randint(0, int(w * (1 - f))), rng.randint(0, int(h * (1 - f)))
+    return img.crop((x, y, x + int(w * f), y + int(h * f)))
+
+
 def make_gallery(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     photos = [Image.open(p).convert("RGB") for p in bundled_photos()]
     paths = []
     for i in range(n):
-        img = photos[i % len(photos)]
-        w, h = img.size
-        f = rng.uniform(0.75, 1.0)
-        x, y = rng.randint(0, int(w * (1 - f))), rng.randint(0, int(h * (1 - f)))
-        view = img.crop((x, y, x + int(w * f), y + int(h * f)))
+        view = random_crop(photos[i % len(photos)], rng, 0.75)
         view = view.resize((size, int(size * view.height / view.width)), Image.Resampling.BICUBIC)
         if rng.random() < 0.5:
             view = ImageOps.mirror(view)

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from benchmarks_common import random_crop
 from mllm_index.actors.mllm import MLLMScorer, ScoreStats, cap_pixels, p_yes
 from mllm_index.pipelines.demo import bundled_photos
 from mllm_index.pipelines.tiny_models import MID_BUILDERS
@@ -43,11 +44,7 @@ def views(n: int, max_pixels: int, seed: int = 0) -> list[Image.Image]:
     photos = [Image.open(p).convert("RGB") for p in bundled_photos()]
     out = []
     for i in range(n):
-        img = photos[i % len(photos)]
-        w, h = img.size
-        f = rng.uniform(0.6, 1.0)
-        x, y = rng.randint(0, int(w * (1 - f))), rng.randint(0, int(h * (1 - f)))
-        view = img.crop((x, y, x + int(w * f), y + int(h * f)))
+        view = random_crop(photos[i % len(photos)], rng, 0.6)
         out.append(cap_pixels(ImageOps.mirror(view) if i % 2 else view, max_pixels))
     return out
 
