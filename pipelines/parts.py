@@ -19,10 +19,10 @@ import ray
 
 from mllm_index.storage.catalog import FAILURE_SCHEMA
 from mllm_index.storage.contracts import Contract, Plan, UpdateCounts, read_contract, write_contract
-from mllm_index.storage.integrity import digest, parquet_bytes
+from mllm_index.storage.integrity import digest
 from mllm_index.storage.shard_store import part_file
 from mllm_index.storage.sources import SourceSpec, assign_ids, list_source, scan_container
-from mllm_index.storage.uris import Location, redact_text
+from mllm_index.storage.uris import Location, parquet_bytes, redact_text
 
 PLAN = "plan.json"
 S = TypeVar("S", bound=Contract)

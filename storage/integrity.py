@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mllm_index.storage.contracts import FileRef
-from mllm_index.storage.uris import Location, redact
+from mllm_index.storage.uris import Location, parquet_bytes, redact
 
 
 class IntegrityError(ValueError):
@@ -26,12 +26,6 @@ class IntegrityError(ValueError):
 def digest(path: str, data: bytes) -> FileRef:
     """The reference of a file with these bytes."""
     return FileRef(path=path, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-
-
-def parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
 
 
 def write_ref(index: Location, path: str, data: bytes) -> FileRef:

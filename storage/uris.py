@@ -32,6 +32,13 @@ _CREDENTIAL_KEY = re.compile(r"^(key|secret|token)$|secret|password|passwd|crede
 _SECRET_PARAM = re.compile(r"signature|credential|token|secret|password|passwd|key", re.I)  # presigned URLs
 
 
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A table as the Parquet file every writer stores (zstd): one spelling, so equal tables give equal bytes."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
 class StorageError(RuntimeError):
     """A storage operation failed; the message never contains credentials."""
 
@@ -221,9 +228,7 @@ class Location:
         self.write_bytes(json.dumps(obj, indent=2, sort_keys=True, default=str).encode("utf-8"), *parts)
 
     def write_parquet(self, table: pa.Table, *parts: str) -> None:
-        buf = io.BytesIO()
-        pq.write_table(table, buf, compression="zstd")
-        self.write_bytes(buf.getvalue(), *parts)
+        self.write_bytes(parquet_bytes(table), *parts)
 
     def delete(self, *parts: str) -> None:
         try:
