@@ -52,7 +52,15 @@ def _rows(cols: dict[str, np.ndarray], q: int, run_id: str, reranker: str) -> tu
 
 
 def chunk_name(query_ids: list[int]) -> str:
-    return hashlib.sha1(json.dumps(sorted(query_ids)).encode()).hexdigest()[:16]
+    """Deterministic for a set of queries, and carrying its size, so a listing alone counts a part's progress."""
+    return f"{hashlib.sha1(json.dumps(sorted(query_ids)).encode()).hexdigest()[:16]}-{len(query_ids)}"
+
+
+def written_count(out: Location, part: int) -> int:
+    """Queries of a part already in chunks, from one listing (chunks of one part never share a query:
+    a re-run leaves out the queries of written chunks, and a retried task rewrites the same name)."""
+    return sum(int(n[: -len(".json")].rsplit("-", 1)[1]) for n in out.list_names(CHUNKS, part_file(part, "d"))
+               if n.endswith(".json"))
 
 
 def written_queries(out: Location, part: int) -> set[int]:
@@ -86,7 +94,7 @@ def write_results(batch: dict[str, np.ndarray], *, out: Location, run_id: str, r
                  "pairs_scored": int(batch["pairs_scored"][sel].sum()),
                  "retries": int(batch["retries"][sel].sum()) if "retries" in batch else 0}
         out.write_json(stats, *folder, f"{name}.json")  # the chunk's marker, last
-        complete = len(written_queries(out, part)) >= expected[part]
+        complete = written_count(out, part) >= expected[part]
         if complete:
             finish_part(out, part, expected[part])
         for column, value in zip(written, (part, len(sel), stats["pairs_scored"], complete)):
