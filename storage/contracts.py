@@ -10,6 +10,12 @@ Format history:
   the number was stored as `format_version`.
 - 2: every file is a `FileRef`: a path relative to the index root (so a version may reference
   files in another version's folder), with its size and, when known, its sha256.
+- 3: versions reference, not copy: an update's manifest lists the live version's parts and shards
+  (in their folders) plus its own parts in delta shards; ids deleted or changed since a shard was
+  built are that shard's tombstones (`ShardRef.tombstones`), filtered by every reader until
+  compaction; `keys` is the key index by hash bucket and `containers` the scanned tar / Parquet
+  files, so the next update diffs bucket by bucket and skips unchanged containers. Formats 1 and 2
+  read as versions without tombstones, key index or container table (their first update builds them).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3
 
 
 class ManifestError(ValueError):
@@ -65,10 +71,20 @@ class ShardRef(Contract):
     # then loads the embeddings parts, as it always did.
     ids: FileRef | None = None
     vectors: FileRef | None = None
+    # Ids in this shard that are no longer live (deleted, or changed and re-embedded in a newer
+    # part): Parquet (image_id int64, part int32), sorted by image_id. Readers filter them out of
+    # search results and of the catalog rows of `parts`; compaction rebuilds the shard without them.
+    tombstones: FileRef | None = None
+    tombstoned: int = Field(0, ge=0)
+    delta: bool = False  # built by an update from its own new parts, on the live trained index
+
+    @property
+    def live(self) -> int:
+        return self.ntotal - self.tombstoned
 
     def files(self) -> list[FileRef]:
-        """The shard's files: the index, and its ids and vectors where it has them."""
-        return [self.file, *(f for f in (self.ids, self.vectors) if f is not None)]
+        """The shard's files: the index, its ids and vectors where it has them, its tombstones."""
+        return [self.file, *(f for f in (self.ids, self.vectors, self.tombstones) if f is not None)]
 
 
 class ModelSpec(Contract):
@@ -131,16 +147,35 @@ class Manifest(Contract):
     catalog: list[FileRef] = Field(default_factory=list)
     failures: list[FileRef] = Field(default_factory=list)
     update: UpdateCounts | None = None
+    # The key index: live rows (key, etag, length, image_id, uri, part) split by a hash of the key
+    # into `key_buckets` files (`keys/bucket-BBBBB.parquet`, one per non-empty bucket), so that the
+    # nightly diff runs bucket by bucket and never holds the catalog in one process.
+    key_buckets: int = Field(0, ge=0)  # 0: no key index (format 1/2): the first update builds it
+    keys: list[FileRef] = Field(default_factory=list)
+    containers: FileRef | None = None  # tar / Parquet files scanned: uri, kind, etag, size, entries
 
     def files(self) -> list[FileRef]:
-        """Every file the version references."""
+        """Every file the version references (some may live in earlier versions' folders)."""
         model_files = list(self.model.files.values()) if self.model else []
         shard_files = [f for s in self.shards for f in s.files()]
-        return [self.trained, *shard_files, *self.embeddings, *self.catalog, *self.failures, *model_files]
+        containers = [self.containers] if self.containers else []
+        return [self.trained, *shard_files, *self.embeddings, *self.catalog, *self.failures, *model_files, *self.keys,
+                *containers]
 
     @property
     def ntotal(self) -> int:
+        """Vectors stored in the shards, tombstoned ones included."""
         return sum(s.ntotal for s in self.shards)
+
+    @property
+    def live(self) -> int:
+        """Vectors a search can return."""
+        return sum(s.live for s in self.shards)
+
+    @property
+    def next_part(self) -> int:
+        """The first part number an update may use: part numbers are unique along a version's lineage."""
+        return 1 + max((p for s in self.shards for p in s.parts), default=-1)
 
 
 def parse_manifest(data: Any, where: str) -> Manifest:
@@ -204,6 +239,16 @@ class Plan(Contract):
     list_errors: dict[str, int] = Field(default_factory=dict)
     seen: int = Field(ge=0)
     update: UpdateCounts | None = None  # the nightly diff, for an update's plan
+    first_part: int = Field(0, ge=0)  # parts are first_part .. first_part + parts - 1
+    key_buckets: int = Field(0, ge=0)
+    keys: list[FileRef] = Field(default_factory=list)  # the new version's key index (see Manifest.keys)
+    containers: FileRef | None = None
+    # The diff's live rows to tombstone (deleted, or changed and re-embedded): Parquet (image_id, part)
+    removed: list[FileRef] = Field(default_factory=list)
+
+    @property
+    def part_numbers(self) -> range:
+        return range(self.first_part, self.first_part + self.parts)
 
 
 class PartStats(Contract):
