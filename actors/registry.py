@@ -111,13 +111,15 @@ def _vlad_kwargs(spec: ModelSpec, prep: Preprocessing, ctx: EmbedContext) -> dic
 
 
 def _register_builtins() -> None:
-    from mllm_index.actors import classic
+    from mllm_index.actors import classic, pixel_stats
     from mllm_index.actors.embed import EmbedImages
 
     register_embedder(EmbedderKind(TRANSFORMERS, EmbedImages, _transformers_preprocessing, _transformers_kwargs))
     register_embedder(EmbedderKind(classic.SIFT_VLAD, classic.VladEmbedImages, classic.classic_preprocessing,
                                    _vlad_kwargs, fit=classic.fit_vlad_files,
                                    fit_sample=lambda spec: int(spec.settings.get("codebook_sample", 256))))
+    register_embedder(EmbedderKind(pixel_stats.PIXEL_STATS, pixel_stats.PixelStatsEmbedder,
+                                   pixel_stats.pixel_stats_preprocessing, pixel_stats.pixel_stats_kwargs))
     register_reranker(RerankerKind(TRANSFORMERS, _mllm_scorer, default_max_pixels=448 * 448))
     register_reranker(RerankerKind(classic.SIFT_RANSAC, lambda r: classic.SpatialVerifier(), default_max_pixels=640 * 480))
 

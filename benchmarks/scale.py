@@ -1,0 +1,207 @@
+"""How the index and update jobs scale with the gallery: memory per process type, seconds per stage.
+
+    python benchmarks/scale.py --sizes 100000 400000 1600000
+
+For each N, in a fresh process with a fresh local Ray (so that peak RSS is that N's):
+1. a gallery of N tiny PNGs in WebDataset tar shards (--shard-images per tar), made on the fly;
+2. the index job with the cheapest embedder, `bench:pixel-stats` (no model: the benchmark
+   measures the pipeline, not a backbone);
+3. an update after nothing changed, a +1% update (two new tars) and a -1% update (two tars
+   deleted). A tar is 0.5% of the gallery (--shard-images 0: N/200), so that a delta of whole
+   containers is 1%: rewriting a tar changes its etag, which marks all its members changed.
+Peak RSS is the high-water mark (VmHWM) of every process, read from /proc while the job runs,
+grouped by what the process is (the driver, or the Ray task / actor in its process title).
+The table's goals are the issue's: driver peak < 1.5x from the smallest to the largest N,
+update time at fixed delta < 1.5x from 400k to 1.6M, an unchanged update < 10% of the build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+PX = 12  # tiny images: decode and embed cost little, so the pipeline's own costs show
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, 3)  # a colour per image, with noise: clustered, not uniform, vectors
+    pixels = np.clip(base + rng.normal(0, 24, (PX, PX, 3)), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def write_tar(path: Path, ids: range | list[int]) -> None:
+    """One WebDataset shard; written to a temporary name and renamed, so a listing never sees half a tar."""
+    tmp = path.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for i in ids:
+            data = _png(i)
+            info = tarfile.TarInfo(f"img{i:09d}.png")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    tmp.rename(path)
+
+
+def make_gallery(folder: Path, n: int, per_tar: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(folder / f"shard-{s:05d}.tar", range(s * per_tar, min(n, (s + 1) * per_tar))) for s in range(-(-n // per_tar))]
+    with multiprocessing.Pool(os.cpu_count()) as pool:
+        pool.starmap(write_tar, jobs)
+
+
+class PeakRss:
+    """Polls /proc for the high-water RSS of the driver and of every Ray worker, by process title."""
+
+    def __init__(self, every: float = 0.25):
+        self.every, self.peaks, self._stop = every, defaultdict(int), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        for pid in filter(str.isdigit, os.listdir("/proc")):  # start every high-water mark from the current RSS
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                pass  # not ours, or gone
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join()
+        self._poll()
+
+    def _run(self):
+        while not self._stop.wait(self.every):
+            self._poll()
+
+    def _poll(self):
+        me = os.getpid()
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
+            if not hwm:
+                continue
+            name = "driver" if int(pid) == me else _role(title)
+            if name:
+                self.peaks[name] = max(self.peaks[name], int(hwm.group(1)) * 1024)
+
+
+RAY_INTERNALS = ("DashboardAgent", "RuntimeEnvAgent", "ActorLocationTracker", "AutoscalingCoordinator", "_")
+
+
+def _role(title: str) -> str | None:
+    """'ray::MapWorker(MapBatches(PixelStatsEmbedder)).submit' -> 'MapWorker(MapBatches(PixelStatsEmbedder))'."""
+    if not title.startswith("ray::") or title == "ray::IDLE":
+        return None
+    name = re.sub(r"\.[A-Za-z_]+$", "", title[5:].split(" ")[0]).split(":")[-1]
+    return "ray internals" if name.startswith(RAY_INTERNALS) else name[:60]
+
+
+def one_size(n: int, work: Path, per_tar: int, part_size: int) -> dict:
+    """Runs in its own process: the build and the three updates of one gallery size."""
+    import ray
+
+    from mllm_index.configs.schema import IndexJobConfig, load_config
+    from mllm_index.pipelines.index import run_index
+    from mllm_index.pipelines.update import run_update
+
+    gallery, index = work / "gallery", work / "index"
+    t = time.perf_counter()
+    make_gallery(gallery, n, per_tar)
+    made = time.perf_counter() - t
+    cfg = load_config(IndexJobConfig, None, {"source.uri": str(gallery), "index.uri": str(index),
+                                             "model.name": "bench:pixel-stats", "model.image_size": 12,
+                                             "run.part_size": part_size, "source.format": "webdataset"})
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    row = {"images": n, "gallery_seconds": round(made, 1)}
+    for step, change in (("build", None), ("unchanged", None), ("+1%", "add"), ("-1%", "remove")):
+        if change == "add":
+            for t in range(2):
+                write_tar(gallery / f"shard-{99998 + t}.tar", range(10**8 + t * per_tar, 10**8 + (t + 1) * per_tar))
+        elif change == "remove":
+            for t in range(2):
+                (gallery / f"shard-{t:05d}.tar").unlink()
+        with PeakRss() as rss:
+            t = time.perf_counter()
+            summary = run_index(cfg) if step == "build" else run_update(cfg)
+            wall = time.perf_counter() - t
+        row[step] = {"seconds": round(wall, 2), "stages": summary.stage_seconds if hasattr(summary, "stage_seconds") else {},
+                     "peak_rss": dict(rss.peaks), "published": getattr(summary, "published", True)}
+    ray.shutdown()
+    return row
+
+
+def mb(x: int | None) -> str:
+    return "-" if not x else f"{x / 2**20:.0f}"
+
+
+def print_table(rows: list[dict]) -> None:
+    roles = sorted({r for row in rows for r in row["build"]["peak_rss"] if r != "driver"})
+    print("\n| images | step | seconds | stages (s) | driver peak MB | " + " | ".join(f"{r} MB" for r in roles) + " |")
+    print("| ---: | --- | ---: | --- | ---: | " + " | ".join("---:" for _ in roles) + " |")
+    for row in rows:
+        for step in ("build", "unchanged", "+1%", "-1%"):
+            s = row[step]
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items())
+            print(f"| {row['images']:,} | {step} | {s['seconds']:.1f} | {stages} | {mb(s['peak_rss'].get('driver'))} | "
+                  + " | ".join(mb(s["peak_rss"].get(r)) for r in roles) + " |")
+    first, last = rows[0], rows[-1]
+    drv = last["build"]["peak_rss"]["driver"] / first["build"]["peak_rss"]["driver"]
+    print(f"\ndriver peak, {last['images']:,} vs {first['images']:,} images: {drv:.2f}x (goal < 1.5x)")
+    mid = next((r for r in rows if r["images"] >= 400_000), None)
+    if mid is not None and mid is not last:
+        for step in ("+1%", "-1%"):
+            print(f"{step} update seconds, {last['images']:,} vs {mid['images']:,}: "
+                  f"{last[step]['seconds'] / mid[step]['seconds']:.2f}x (goal < 1.5x; the delta grows with N here: 1% of N)")
+    print(f"unchanged update / build at {last['images']:,}: {last['unchanged']['seconds'] / last['build']['seconds']:.3f} "
+          f"(goal < 0.10)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
+    ap.add_argument("--shard-images", type=int, default=0, help="images per tar shard (0: N/200)")
+    ap.add_argument("--part-size", type=int, default=20_000)
+    ap.add_argument("--workdir", default="benchmarks/out/scale")
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one size in this process
+    args = ap.parse_args()
+    if args.one:
+        work = Path(args.workdir) / str(args.one)
+        subprocess.run(["rm", "-rf", str(work)], check=True)
+        per_tar = args.shard_images or max(1, args.one // 200)
+        print(json.dumps(one_size(args.one, work, per_tar, args.part_size)))
+        return
+    rows = []
+    for n in args.sizes:
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--shard-images", str(args.shard_images),
+                              "--part-size", str(args.part_size), "--workdir", args.workdir],
+                             check=True, capture_output=True, text=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{n:,} images done: build {rows[-1]['build']['seconds']} s", flush=True)
+        subprocess.run(["rm", "-rf", str(Path(args.workdir) / str(n))], check=True)
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
