@@ -9,6 +9,11 @@ A query block passes every group. Between stages the rows carry their running sh
 shortlist is complete, `_exact` (exact scores, NaN until a group holding the candidate fills
 them in). The last stage orders them and writes `knn_ids` / `knn_scores`, exactly what one
 process searching every shard returns (IndexSearcher).
+
+Each stage filters its own shards' tombstones (storage.tombstones): its PQ search never returns a
+tombstoned id, and its re-score never scores a candidate from a shard where the id is tombstoned,
+so a changed id (old shard, tombstoned; delta shard, live) gets its live vector's score in
+whichever order the stages run.
 """
 
 from __future__ import annotations

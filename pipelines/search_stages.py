@@ -12,6 +12,10 @@ shards' vector files, read row by row from local copies. The last stage orders a
 
 A version built before shards had vector files, searched with a re-score, runs the old way:
 one stage whose actors hold every shard and every vector.
+
+Tombstones (ids an update deleted or changed since a shard was built) are filtered by the stage
+holding the shard; a stage's memory counts them (`storage.search.shard_bytes`), so the groups
+stay within the budget until compaction drops them.
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ class SearchPlan:
 
 def plan_search(manifest: Manifest, search) -> SearchPlan:
     """The stages searching `manifest` under a `SearchConfig`."""
+    log.info("version %s: %d searchable vectors in %d shards (%d tombstoned, filtered until compaction)",
+             manifest.version, manifest.live, len(manifest.shards), manifest.ntotal - manifest.live)
     nprobe = search.nprobe or manifest.nprobe
     rescore = search.rescore if search.rescore is not None else manifest.rescore
     depth = max(search.top_k, rescore) if rescore else search.top_k

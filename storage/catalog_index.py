@@ -2,7 +2,8 @@
 
 The index's catalog parts are in listing order: finding the rows of 400 candidate ids there
 means reading the whole catalog, which is why the first release loaded it whole into every
-re-rank actor. Here the rows are hashed into `buckets` files by `image_id % buckets` (ids are
+re-rank actor. Here the live rows (see pipelines.catalog_buckets: tombstoned rows are dropped, so
+an id has one row) are hashed into `buckets` files by `image_id % buckets` (ids are
 already uniform 63-bit hashes), each sorted by id. A lookup reads only the buckets its ids fall
 in, so its cost is proportional to the ids asked for, never to the gallery. With the default of
 ~2048 rows per bucket a bucket file is ~100-200 KB.
@@ -38,8 +39,15 @@ def bucket_file(bucket: int) -> str:
 
 
 def write_bucket(folder: Location, bucket: int, table: pa.Table) -> int:
-    """One bucket's rows, sorted by id; returns the row count."""
+    """One bucket's rows, sorted by id; returns the row count. An id may have one row: two mean a
+    changed id's older row was not dropped by its part's tombstones, and a lookup would pick
+    either, so that is refused by name."""
     table = table.select(COLUMNS).sort_by("image_id")
+    ids = table.column("image_id").to_numpy()
+    twice = ids[1:][ids[1:] == ids[:-1]]
+    if len(twice):
+        raise ValueError(f"catalog bucket {bucket}: image_id {int(twice[0])} has more than one live row (a changed "
+                         "id's older catalog row must be tombstoned in its part)")
     folder.write_parquet(table, FOLDER, bucket_file(bucket))
     return table.num_rows
 

@@ -10,6 +10,12 @@ Two ways to hold a version:
 - `ShardGroup` + `ShardRescorer` (storage.shard_vectors): a bounded subset of the shards,
   as `plan_groups` cuts them under a memory budget; the rerank job's search stages run one
   actor pool per group and merge (pipelines.search_stages). Same answers as IndexSearcher.
+
+Tombstones (ids a shard stores that are no longer live, storage.tombstones) are filtered inside
+FAISS: each IVF shard is searched with an `IDSelectorNot(IDSelectorBatch)` of its tombstoned ids,
+so a shard's top-k holds k live ids and the merged top-k equals the top-k of the live set. The
+re-score reads a candidate's vector only from a shard where it is live (a changed id is stored
+in its old shard, tombstoned, and in a delta shard), and catalog rows only from their live part.
 """
 
 from __future__ import annotations
@@ -25,10 +31,14 @@ from mllm_index.storage.contracts import FileRef, Manifest, ShardRef
 from mllm_index.storage.faiss_store import faiss, merge_topk, set_nprobe
 from mllm_index.storage.integrity import IntegrityError, load_faiss_verified, read_verified_parquet, where
 from mllm_index.storage.shard_vectors import PAIR_CHUNK, ShardRescorer, local_copy, pair_scores
-from mllm_index.storage.uris import Location
+from mllm_index.storage.tombstones import PartFilter, id_selector, is_in, search_params, shard_tombstoned_ids
+from mllm_index.storage.uris import Location, redact
 from mllm_index.storage.versions import read_latest, read_manifest
 
 ID_BYTES = 8  # per image: the sorted ids a re-scoring actor keeps to find a candidate's row
+# per tombstoned id in a searching actor: its sorted id (8 B) and faiss's IDSelectorBatch (a hash
+# set entry and its bloom bits, ~40 B with libstdc++)
+SELECTOR_BYTES = 48
 
 
 def has_shard_vectors(manifest: Manifest) -> bool:
@@ -40,8 +50,10 @@ def shard_bytes(shard: ShardRef, index: bool = True, ids: bool = False, shared: 
     """Memory a shard takes in an actor: its FAISS file (codes, ids, lists) and/or its sorted ids.
     `shared`: bytes of the file it shares with the other shards of its group (the trained index:
     coarse quantizer and codebooks), counted once per group. A format-1 shard without a recorded
-    size counts 0 (grouping by count still bounds it)."""
-    return max(0, (shard.file.bytes or 0) - shared) * index + ID_BYTES * shard.ntotal * ids
+    size counts 0 (grouping by count still bounds it). Tombstoned ids add their selector (searching)
+    or their sorted ids (re-scoring)."""
+    searching = (max(0, (shard.file.bytes or 0) - shared) + SELECTOR_BYTES * shard.tombstoned) * index
+    return searching + ID_BYTES * (shard.ntotal + shard.tombstoned) * ids
 
 
 def group_bytes(shards: list[ShardRef], index: bool = True, ids: bool = False, shared: int = 0) -> int:
@@ -92,6 +104,59 @@ def load_shard(location: Location, ref: FileRef, cache_dir: str | None = None):
         raise IntegrityError(f"{where(location, ref)}: not a readable FAISS index ({str(exc).strip()[:200]})") from None
 
 
+class Tombstoned:
+    """A shard's tombstoned ids (sorted) and the FAISS selector that passes every other id."""
+
+    def __init__(self, location: Location, ref: ShardRef):
+        self.ids = shard_tombstoned_ids(location, ref) if ref.tombstones is not None else np.zeros(0, np.int64)
+        if len(self.ids) != ref.tombstoned:
+            raise IntegrityError(f"{where(location, ref.tombstones or ref.file)}: {len(self.ids)} tombstoned ids, the "
+                                 f"manifest records {ref.tombstoned} for shard {ref.shard}")
+        self.selector = id_selector(self.ids) if len(self.ids) else None
+
+
+def _preassigned(ivf, queries: np.ndarray, k: int, coarse: tuple[np.ndarray, np.ndarray], params) -> tuple[np.ndarray, np.ndarray]:
+    """`IndexIVF.search_preassigned` with search parameters (faiss's Python wrapper refuses them)."""
+    n = len(queries)
+    scores, ids = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    dis, assign = np.ascontiguousarray(coarse[0], np.float32), np.ascontiguousarray(coarse[1], np.int64)
+    ivf.search_preassigned_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(assign), faiss.swig_ptr(dis),
+                             faiss.swig_ptr(scores), faiss.swig_ptr(ids), False, params)
+    return scores, ids
+
+
+def _search_without(index, queries: np.ndarray, k: int, dead: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k live results of an index FAISS cannot filter with a selector (not an IVF index itself):
+    the top k + |dead| with the dead removed, which is the same list for IVF and flat searches."""
+    s, i = index.search(queries, min(k + len(dead), max(index.ntotal, 1)))
+    keep = (i >= 0) & ~is_in(i, dead)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # live results first, in their order
+    s, i, keep = (np.take_along_axis(a, order, 1) for a in (s, i, keep))
+    worst = -np.inf if metric == "ip" else np.inf
+    return np.where(keep, s, worst).astype(np.float32), np.where(keep, i, -1)
+
+
+def search_shard(index, queries: np.ndarray, k: int, nprobe: int | None, dead: Tombstoned, metric: str,
+                 coarse: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One shard's top-k (scores, ids) of live vectors. `coarse`: the queries' (distances, lists)
+    from the shared quantizer, for an IVF shard in a group; `nprobe` is then its width."""
+    ivf = index if isinstance(index, faiss.IndexIVF) else None
+    if ivf is None:
+        if nprobe is not None:
+            set_nprobe(index, nprobe)
+        return _search_without(index, queries, k, dead.ids, metric) if len(dead.ids) else index.search(queries, k)
+    if coarse is not None:
+        ivf.nprobe = nprobe
+        if dead.selector is None:
+            return ivf.search_preassigned(queries, k, coarse[1], coarse[0])
+        return _preassigned(ivf, queries, k, coarse, search_params(dead.selector, nprobe))
+    if nprobe is not None:
+        ivf.nprobe = int(nprobe)
+    if dead.selector is None:
+        return ivf.search(queries, k)
+    return ivf.search(queries, k, params=search_params(dead.selector, ivf.nprobe))
+
+
 class ShardGroup:
     """Some shards of a version in memory, searched as one index.
 
@@ -104,6 +169,7 @@ class ShardGroup:
     def __init__(self, location: Location, manifest: Manifest, positions: list[int], cache_dir: str | None = None):
         self.metric = manifest.metric
         self.refs = [manifest.shards[p] for p in positions]
+        self.dead = [Tombstoned(location, ref) for ref in self.refs]
         self.indexes, self.ivfs = [], []
         self.quantizer = None
         for ref in self.refs:
@@ -133,25 +199,28 @@ class ShardGroup:
 
     @property
     def ntotal(self) -> int:
+        """Vectors stored in the group's shards, tombstoned ones included."""
         return sum(i.ntotal for i in self.indexes)
 
+    @property
+    def live(self) -> int:
+        """Vectors the group's search can return."""
+        return self.ntotal - sum(len(d.ids) for d in self.dead)
+
     def search(self, queries: np.ndarray, depth: int, nprobe: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per-shard top-`depth` (scores, ids) lists, in shard order, for `merge_topk`."""
+        """Per-shard top-`depth` (scores, ids) lists of live vectors, in shard order, for `merge_topk`."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         coarse = None
         scores, ids = [], []
-        for index, ivf in zip(self.indexes, self.ivfs):
+        for index, ivf, dead in zip(self.indexes, self.ivfs, self.dead):
             k = min(depth, max(index.ntotal, 1))
             if ivf is None:
-                if nprobe is not None:
-                    set_nprobe(index, nprobe)
-                s, i = index.search(queries, k)
+                s, i = search_shard(index, queries, k, nprobe, dead, self.metric)
             else:
                 probes = min(ivf.nlist, nprobe or ivf.nprobe)
                 if coarse is None:
                     coarse = self.quantizer.search(queries, probes)
-                ivf.nprobe = probes
-                s, i = ivf.search_preassigned(queries, k, coarse[1], coarse[0])
+                s, i = search_shard(ivf, queries, k, probes, dead, self.metric, coarse)
             scores.append(s)
             ids.append(i)
         return scores, ids
@@ -176,6 +245,7 @@ class IndexSearcher:
         self.metric = self.manifest.metric
         self.dim = self.manifest.dim
         self.shards = [load_faiss_verified(self.location, s.file) for s in self.manifest.shards]
+        self.dead = [Tombstoned(self.location, s) for s in self.manifest.shards]
         self.ids = self.vectors = self.rescorer = None
         if load_vectors and vectors == "shards":
             self.rescorer = ShardRescorer(self.location, list(self.manifest.shards), cache_dir)
@@ -183,19 +253,34 @@ class IndexSearcher:
             self._load_vectors()
 
     def _load_vectors(self) -> None:
+        """Every live vector: each part's rows tombstoned in that part are left out, so a changed
+        id keeps only its re-embedded vector."""
         ids, vecs = [], []
+        live = PartFilter(self.location, self.manifest)
         for ref in self.manifest.embeddings:
             part_ids, part_vecs = embeddings_from_table(read_verified_parquet(self.location, ref))
-            ids.append(part_ids)
-            vecs.append(part_vecs)
+            keep = live.mask(ref, part_ids)
+            ids.append(part_ids[keep])
+            vecs.append(part_vecs[keep])
         ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
         vecs = np.concatenate(vecs) if vecs else np.zeros((0, self.dim), np.float16)
-        order = np.argsort(ids)
+        order = np.argsort(ids, kind="stable")
         self.ids, self.vectors = ids[order], vecs[order]
+        repeated = self.ids[1:][self.ids[1:] == self.ids[:-1]]
+        if len(repeated):
+            raise IntegrityError(f"index {redact(self.location.uri)}, version {self.version}: id {int(repeated[0])} has "
+                                 f"{int((self.ids == repeated[0]).sum())} live vectors in the embeddings parts "
+                                 "(a changed id must be tombstoned in its older part)")
 
     @property
     def ntotal(self) -> int:
+        """Vectors stored in the shards, tombstoned ones included."""
         return sum(s.ntotal for s in self.shards)
+
+    @property
+    def live(self) -> int:
+        """Vectors a search can return (`Manifest.live`)."""
+        return self.ntotal - sum(len(d.ids) for d in self.dead)
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, rescore: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (scores, ids) per query; ids -1 where fewer than k vectors were found.
@@ -208,10 +293,8 @@ class IndexSearcher:
             raise ValueError(f"queries must have shape (n, {self.dim}), got {queries.shape}")
         depth = max(k, rescore)
         scores, ids = [], []
-        for shard in self.shards:
-            if nprobe is not None:
-                set_nprobe(shard, nprobe)
-            s, i = shard.search(queries, min(depth, max(shard.ntotal, 1)))
+        for shard, dead in zip(self.shards, self.dead):
+            s, i = search_shard(shard, queries, min(depth, max(shard.ntotal, 1)), nprobe, dead, self.metric)
             scores.append(s)
             ids.append(i)
         if not scores:
@@ -237,14 +320,18 @@ class IndexSearcher:
 
 
 class Catalog:
-    """image_id -> where the image is (key, uri, kind, offset, length), for one index version."""
+    """image_id -> where the image is (key, uri, kind, offset, length), for one index version.
+
+    Reads the whole catalog (a report on a run from before the catalog by id); only live rows: a
+    changed id's row in its older part is tombstoned there, a deleted id has none."""
 
     COLUMNS = ["image_id", "key", "uri", "kind", "offset", "length"]
 
     def __init__(self, location: Location, manifest: Manifest):
         import pyarrow as pa
 
-        parts = [read_verified_parquet(location, ref, columns=self.COLUMNS) for ref in manifest.catalog]
+        live = PartFilter(location, manifest)
+        parts = [live.live_rows(ref, read_verified_parquet(location, ref, columns=self.COLUMNS)) for ref in manifest.catalog]
         table = pa.concat_tables(parts).sort_by("image_id") if parts else None
         self.columns = {c: (table.column(c).to_numpy(zero_copy_only=False) if table is not None else np.zeros(0))
                         for c in self.COLUMNS}

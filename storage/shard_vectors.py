@@ -25,6 +25,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from mllm_index.storage.contracts import FileRef, version_file
 from mllm_index.storage.integrity import IntegrityError, digest, read_verified, where
+from mllm_index.storage.tombstones import is_in, shard_tombstoned_ids
 from mllm_index.storage.uris import Location
 
 COPY_CHUNK = 8 << 20  # bytes per read while copying and hashing: bounds the copy's memory
@@ -216,7 +217,11 @@ def pair_scores(queries: np.ndarray, vectors: np.ndarray, metric: str) -> np.nda
 
 class ShardRescorer:
     """Exact scores for the candidates held by some shards: their sorted ids in memory, their
-    vectors read row by row from verified local copies."""
+    vectors read row by row from verified local copies.
+
+    A shard's tombstoned ids are not its candidates: a changed id is stored in its old shard
+    (tombstoned) and in a delta shard (live), and only the live vector may score it, whichever
+    shard (or group stage) comes first."""
 
     def __init__(self, index: Location, shards: list, cache_dir: str | None = None):
         missing = [s.shard for s in shards if s.ids is None or s.vectors is None]
@@ -224,6 +229,8 @@ class ShardRescorer:
             raise ValueError(f"shards {missing} have no ids/vectors files (built before them): re-score from the "
                              "embeddings parts instead")
         self.ids = [load_ids(index, s.ids) for s in shards]
+        self.dead = [shard_tombstoned_ids(index, s) if s.tombstones is not None else np.zeros(0, np.int64)
+                     for s in shards]
         self.files = []
         for s, ids in zip(shards, self.ids):
             f = VectorFile(local_copy(index, s.vectors, cache_dir), where(index, s.vectors))
@@ -235,11 +242,13 @@ class ShardRescorer:
     def exact(self, queries: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
         """(nq, depth) exact scores of the candidates `ids` these shards hold, NaN for the others."""
         out = np.full(ids.shape, np.nan, np.float32)
-        for shard_ids, f in zip(self.ids, self.files):
+        for shard_ids, dead, f in zip(self.ids, self.dead, self.files):
             if not len(shard_ids):
                 continue
             rows = np.clip(np.searchsorted(shard_ids, ids), 0, len(shard_ids) - 1)
             held = (ids >= 0) & (shard_ids[rows] == ids)
+            if len(dead):
+                held &= ~is_in(ids, dead)
             q_idx, pos = np.nonzero(held)
             for a in range(0, len(q_idx), PAIR_CHUNK):
                 qi, pi = q_idx[a : a + PAIR_CHUNK], pos[a : a + PAIR_CHUNK]
@@ -249,7 +258,7 @@ class ShardRescorer:
 
     @property
     def nbytes(self) -> int:
-        return sum(i.nbytes for i in self.ids)
+        return sum(i.nbytes for i in self.ids) + sum(d.nbytes for d in self.dead)
 
     def close(self) -> None:
         for f in self.files:

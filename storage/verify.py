@@ -3,10 +3,13 @@
 Each file is read once (a few in parallel, one at a time per thread, so memory is bounded by
 the largest file, not the version), checked against its recorded size and sha256, and then
 parsed as what it is: FAISS indexes load and hold the vectors the manifest says, Parquet parts
-have their columns, codebooks are plain arrays. The counts must reconcile: vectors in the shards
-= rows of embeddings = rows of catalog = the manifest's `indexed`, failure rows = `failed`, and
-seen = indexed + failed + skipped. Only counts travel between files, never ids, so verifying a
-billion-image version needs no more memory than verifying a small one.
+have their columns, codebooks are plain arrays, a shard's tombstones are sorted, name only ids the
+shard holds (when it has an ids file) and parts it was built from, as many as the manifest's
+`tombstoned`. The counts must reconcile: vectors in the shards = rows of embeddings = rows of
+catalog = the manifest's `indexed` + tombstoned (tombstoned rows stay in their parts until
+compaction), failure rows = `failed`, and seen = indexed + failed + skipped. Only counts travel
+between files, never ids (a shard's tombstones are checked against that shard's ids alone), so
+verifying a billion-image version needs no more memory than verifying its largest shard.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow.parquet as pq
 
-from mllm_index.storage.contracts import FileRef, Manifest
+from mllm_index.storage.contracts import FileRef, Manifest, ShardRef
 from mllm_index.storage.integrity import IntegrityError, read_verified, where
+from mllm_index.storage.shard_vectors import load_ids
+from mllm_index.storage.tombstones import read_tombstone_file
 from mllm_index.storage.uris import Location, redact
 from mllm_index.storage.versions import is_published, list_versions, read_latest, read_manifest
 
@@ -48,8 +53,35 @@ def _parquet_rows(data: bytes, columns: list[str]) -> int:
     return meta.metadata.num_rows
 
 
-def _check_file(index: Location, ref: FileRef, kind: str, manifest: Manifest) -> tuple[int, int]:
+def _check_tombstones(index: Location, shard: ShardRef) -> tuple[int, int]:
+    """(tombstoned ids, bytes read) of a shard's tombstone file, checked against the shard."""
+    table = read_tombstone_file(index, shard.tombstones)  # verified: checksum, schema, sorted by id
+    ids = table.column("image_id").to_numpy()
+    at = where(index, shard.tombstones)
+    if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
+        raise IntegrityError(f"{at}: an id is tombstoned twice (a shard holds an id once)")
+    if len(ids) != shard.tombstoned:
+        raise IntegrityError(f"{at}: {len(ids)} tombstoned ids, the manifest records {shard.tombstoned} for shard "
+                             f"{shard.shard}")
+    stray = sorted(set(table.column("part").to_numpy().tolist()) - set(shard.parts))
+    if stray:
+        raise IntegrityError(f"{at}: tombstones in part(s) {stray[:5]}, which shard {shard.shard} was not built from")
+    read = shard.tombstones.bytes or 0
+    if shard.ids is not None and len(ids):
+        held = load_ids(index, shard.ids)
+        pos = np.clip(np.searchsorted(held, ids), 0, len(held) - 1)
+        unknown = ids[held[pos] != ids] if len(held) else ids
+        if len(unknown):
+            raise IntegrityError(f"{at}: {len(unknown)} tombstoned id(s) not in the shard (e.g. {int(unknown[0])}): "
+                                 "their stale vectors elsewhere would still be searched")
+        read += shard.ids.bytes or 0
+    return len(ids), read
+
+
+def _check_file(index: Location, ref: FileRef, kind: str, manifest: Manifest, shard: ShardRef | None = None) -> tuple[int, int]:
     """(rows or vectors it holds, bytes read); IntegrityError naming the file if it does not verify."""
+    if kind == "tombstones":
+        return _check_tombstones(index, shard)
     data = read_verified(index, ref)
     try:
         if kind in ("trained", "shard"):
@@ -82,6 +114,7 @@ def verify_version(index: Location, version: str, threads: int = 8) -> VersionCh
         return check
     jobs = [(manifest.trained, "trained"), *((s.file, "shard") for s in manifest.shards),
             *((f, "array") for s in manifest.shards for f in (s.ids, s.vectors) if f is not None),
+            *((s.tombstones, "tombstones", s) for s in manifest.shards if s.tombstones is not None),
             *((r, "embeddings") for r in manifest.embeddings), *((r, "catalog") for r in manifest.catalog),
             *((r, "failures") for r in manifest.failures),
             *((r, "array") for r in (manifest.model.files.values() if manifest.model else []))]
@@ -89,9 +122,9 @@ def verify_version(index: Location, version: str, threads: int = 8) -> VersionCh
     shard_vectors: dict[str, int] = {}
 
     def run(job):
-        ref, kind = job
+        ref, kind, *shard = job
         try:
-            return ref, kind, _check_file(index, ref, kind, manifest), None
+            return ref, kind, _check_file(index, ref, kind, manifest, *shard), None
         except IntegrityError as exc:
             return ref, kind, (0, 0), str(exc)
 
@@ -110,6 +143,9 @@ def verify_version(index: Location, version: str, threads: int = 8) -> VersionCh
         n = shard_vectors.get(shard.file.path, shard.ntotal)
         if n != shard.ntotal:
             check.problems.append(f"{where(index, shard.file)}: holds {n} vectors, the manifest records {shard.ntotal}")
+        if shard.tombstones is None and shard.tombstoned:
+            check.problems.append(f"{where(index, shard.file)}: the manifest records {shard.tombstoned} tombstoned ids "
+                                  "for this shard but no tombstone file")
     if not check.problems:
         check.problems += _reconcile(index, manifest, rows)
     check.seconds = round(time.time() - t0, 3)
@@ -122,7 +158,9 @@ def _reconcile(index: Location, m: Manifest, rows: dict[str, int]) -> list[str]:
     found = {"vectors in the shards": rows.get("shard", 0), "embeddings rows": rows.get("embeddings", 0)}
     if m.catalog:
         found["catalog rows"] = rows.get("catalog", 0)
-    problems = [f"{at}: {what} = {n}, the manifest's counts.indexed = {c.indexed}" for what, n in found.items() if n != c.indexed]
+    dead = m.ntotal - m.live  # tombstoned: still stored in their shards and parts
+    expected = f"the manifest's counts.indexed = {c.indexed}" + (f" + {dead} tombstoned" if dead else "")
+    problems = [f"{at}: {what} = {n}, {expected}" for what, n in found.items() if n != c.indexed + dead]
     if m.failures and rows.get("failures", 0) != c.failed:
         problems.append(f"{at}: failures rows = {rows.get('failures', 0)}, the manifest's counts.failed = {c.failed}")
     if c.seen != c.indexed + c.failed + c.skipped:

@@ -2,9 +2,8 @@
 
 The reference is the single-process search (IndexSearcher holding every shard, its re-score
 reading every vector from the embeddings parts): the group stages must give exactly its ids and
-scores, for any grouping, and the shortlist re-score exactly its re-score. (Tombstones, from
-the incremental-update issue, do not exist yet: when shards carry them, these tests must also
-check that tombstoned ids never come back.)
+scores, for any grouping, and the shortlist re-score exactly its re-score. Versions whose shards
+carry tombstones are searched the same way: tests/test_tombstones.py checks them.
 """
 
 from __future__ import annotations
@@ -49,9 +48,9 @@ def index(tmp_path_factory) -> tuple[Location, np.ndarray]:
     return root, queries
 
 
-def run_stages(root: Location, search: SearchConfig, queries: np.ndarray, ok: np.ndarray) -> dict:
+def run_stages(root: Location, search: SearchConfig, queries: np.ndarray, ok: np.ndarray, version: str | None = None) -> dict:
     """The plan's stages called in process, the rows re-cut into other blocks between stages (as Ray Data may)."""
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, version)
     plan = plan_search(manifest, search)
     assert not plan.legacy
     batches = [{"embedding": queries, "ok": ok, "row": np.arange(len(queries))}]
