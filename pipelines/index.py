@@ -17,7 +17,8 @@ from mllm_index.actors.registry import embedder_kind
 from mllm_index.configs.schema import IndexJobConfig
 from mllm_index.pipelines.build import (JobError, VersionBuild, VersionContent, embed_todo,  # noqa: F401 (JobError: API)
                                         publish_version)
-from mllm_index.pipelines.parts import load_or_make_plan, plan_table
+from mllm_index.pipelines.listing import make_index_plan
+from mllm_index.pipelines.parts import plan_table
 from mllm_index.pipelines.summaries import IndexSummary
 from mllm_index.storage.contracts import FileRef, ModelSpec, Plan, SourceInfo, version_file
 from mllm_index.storage.lock import IndexLock
@@ -79,7 +80,7 @@ def _run_index_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock) -> 
     build = VersionBuild(index, name, resumed, cfg, lock)
     log.info("%s version %s of %s", "resuming" if resumed else "building", name, redact(index.uri))
     with build.stage("list"):
-        plan = load_or_make_plan(build.folder, spec, cfg.run.part_size, ref_prefix=version_file(name))
+        plan = make_index_plan(build.folder, spec, cfg.run.part_size, version_file(name), cfg.run.key_bucket_rows)
     model = model.model_copy(update={"files": fit_model_files(build, plan, model, prep)})
     content = VersionContent(model, prep, SourceInfo(uri=redact(spec.location().uri), format=cfg.source.format))
     return publish_version(build, plan, embed_todo(build, plan, content), content)

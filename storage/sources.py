@@ -88,27 +88,50 @@ def _walk(loc: Location) -> tuple[dict[str, dict], bool]:
     return {loc.root: info}, False
 
 
+def classify(loc: Location, spec: SourceSpec, path: str, info: dict, is_dir: bool) -> tuple[str, object]:
+    """What one listed file is: ("file", entry without image_id), ("container", (uri, kind, etag, size))
+    or ("skip", extension label). Files with no extension are tried as images."""
+    ext = _extension(path)
+    kind = CONTAINER_EXTENSIONS.get(ext) or (KIND_FILE if ext in spec.image_extensions or ext == "" else None)
+    if kind is None or not _wants(kind, spec.format):
+        return "skip", ext or "(none)"
+    uri = loc.full_uri(path)
+    if kind == KIND_FILE:
+        key = loc.relative(path) if is_dir else posixpath.basename(path)
+        return "file", dict(key=key, uri=uri, kind=KIND_FILE, offset=0, length=int(info.get("size") or 0), etag=_etag(info))
+    return "container", (uri, kind, _etag(info), int(info.get("size") or 0))
+
+
+def source_info(loc: Location) -> dict:
+    """The source root's info (retried): a folder, or a single file."""
+    def info() -> dict:
+        loc.fs.invalidate_cache(loc.root)
+        try:  # not fs.exists: for a bucket, s3fs answers False on any error, a throttled request included
+            return loc.fs.info(loc.root)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"source {loc!r} does not exist") from None
+
+    return with_retries(info, f"list {redact(loc.uri)}", loc.retry)
+
+
 def list_source(spec: SourceSpec) -> Listing:
-    """Walk the source prefix recursively. Files with no extension are tried as images."""
+    """Walk the source prefix recursively in this process (small sources: query sets).
+
+    A gallery is listed by `pipelines.listing`, in parallel Ray tasks, with the same `classify`."""
     loc = spec.location()
     found, is_dir = with_retries(lambda: _walk(loc), f"list {redact(loc.uri)}", loc.retry)
-    images = set(spec.image_extensions)
     files, containers, skipped = [], [], Counter()
     for path in sorted(found):
         info = found[path]
         if info.get("type") == "directory":
             continue
-        ext = _extension(path)
-        kind = CONTAINER_EXTENSIONS.get(ext) or (KIND_FILE if ext in images or ext == "" else None)
-        if kind is None or not _wants(kind, spec.format):
-            skipped[ext or "(none)"] += 1
-            continue
-        uri = loc.full_uri(path)
-        if kind == KIND_FILE:
-            key = loc.relative(path) if is_dir else posixpath.basename(path)
-            files.append(dict(key=key, uri=uri, kind=KIND_FILE, offset=0, length=int(info.get("size") or 0), etag=_etag(info)))
+        what, item = classify(loc, spec, path, info, is_dir)
+        if what == "skip":
+            skipped[item] += 1
+        elif what == "file":
+            files.append(item)
         else:
-            containers.append((uri, kind, _etag(info)))
+            containers.append(item[:3])
     return Listing(files, containers, skipped)
 
 

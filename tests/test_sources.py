@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 from galleries import parquet_bytes, tar_bytes, write_files
 from inputs import odd_files
