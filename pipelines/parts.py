@@ -1,5 +1,5 @@
-"""Resumable units of work shared by the jobs: a plan of parts, and the collector that
-writes each part as soon as all its rows have streamed back.
+"""Resumable units of work shared by the jobs: a plan of parts and the parts' completion markers
+(the index job's parts are written by worker tasks: pipelines/part_chunks.py).
 
 A job lists its input once into `plan/part-NNNNN.parquet` (+ `plan/plan.json`, written
 last); every finished part leaves its output files and then `stats/part-NNNNN.json`, the
@@ -8,10 +8,8 @@ completion marker, so a re-run processes only parts without a marker.
 
 from __future__ import annotations
 
-import os
-import time
-from collections import Counter, defaultdict
-from typing import Callable, TypeVar
+from collections import Counter
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -101,39 +99,3 @@ def finished_parts(dest: Location, stats: type[S]) -> dict[int, S]:
 
 def plan_table(dest: Location, part: int) -> pa.Table:
     return dest.read_parquet("plan", part_file(part))
-
-
-class PartCollector:
-    """Groups streamed rows by their `part` column; calls `write(part, columns)` when a part is complete."""
-
-    def __init__(self, expected: dict[int, int], write: Callable[[int, dict[str, np.ndarray]], Contract]):
-        self.expected, self.write = expected, write
-        self.rows: dict[int, list[dict[str, np.ndarray]]] = defaultdict(list)
-        self.counts: Counter = Counter()
-        self.done: dict[int, Contract] = {}
-        self.started = time.time()
-        self.first_part_at: float | None = None
-
-    def add(self, batch: dict[str, np.ndarray]) -> None:
-        for part in np.unique(batch["part"]):
-            sel = batch["part"] == part
-            self.rows[int(part)].append({k: v[sel] for k, v in batch.items()})
-            self.counts[int(part)] += int(sel.sum())
-            if self.counts[int(part)] == self.expected[int(part)]:
-                chunks = self.rows.pop(int(part))
-                self.done[int(part)] = self.write(int(part), {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]})
-                self.first_part_at = self.first_part_at or time.time()
-                _pause_for_fault_tests(len(self.done))
-
-    def timing(self) -> dict:
-        """Time to the first finished part: actor start-up and model load, seen from outside."""
-        return {} if self.first_part_at is None else {"startup_seconds": round(self.first_part_at - self.started, 3)}
-
-
-def _pause_for_fault_tests(parts_done: int) -> None:
-    """MLLM_INDEX_PAUSE_AFTER_PARTS=N parks the driver after N finished parts, so a test (or an
-    operator rehearsing a failure) can kill it at a known point and check the resume."""
-    limit = os.environ.get("MLLM_INDEX_PAUSE_AFTER_PARTS")
-    if limit and parts_done >= int(limit):
-        print(f"paused after {parts_done} parts (MLLM_INDEX_PAUSE_AFTER_PARTS)", flush=True)
-        time.sleep(3600)

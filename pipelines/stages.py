@@ -7,12 +7,16 @@ actors on a 2-core machine do exactly that). `plan_actor_pools` refuses such set
 
 from __future__ import annotations
 
+import numpy as np
+import pyarrow as pa
 import ray
 
 from mllm_index.actors.decode import decode_batch
 from mllm_index.actors.registry import EmbedContext, embedder_kind
 from mllm_index.configs.schema import ConfigError
 from mllm_index.storage.contracts import ModelSpec, Preprocessing
+from mllm_index.storage.shard_store import part_file
+from mllm_index.storage.uris import Location
 
 
 def actor_resources(section, field: str) -> dict:
@@ -37,9 +41,26 @@ def plan_actor_pools(pools: list[dict], decode_cpus: float) -> None:
                           "decode and write tasks; lower num_cpus (fractions are allowed) or concurrency")
 
 
-def decode_and_embed(tables: list, cfg, spec: ModelSpec, prep: Preprocessing, image_column: str, embed_res: dict,
-                     index_uri: str, keep_max_pixels: int | None = None) -> "ray.data.Dataset":
-    """Catalog-like rows -> decoded, letterboxed pixels (tasks) -> L2-normalised embeddings (actors).
+def read_plan_parts(batch: dict[str, np.ndarray], *, folder: Location) -> pa.Table:
+    """Ray Data task: the plan rows of the parts named in the batch (read here, not by the driver)."""
+    return pa.concat_tables([folder.read_parquet("plan", part_file(int(p))) for p in batch["part"]])
+
+
+def plan_rows(folder: Location, parts: list[int]) -> "ray.data.Dataset":
+    """The planned rows of `parts` of a job folder, read by tasks, one part per batch: the driver holds
+    only the part numbers (the rows of a 10^9-image plan never pass through it). The reads hold no CPU
+    (one small Parquet file each: on a small cluster a CPU share for them would starve decode), and one
+    reader per 16 cluster CPUs keeps ahead of decode without crowding a small machine with processes."""
+    readers = max(1, int(ray.cluster_resources().get("CPU", 0) // 16))
+    return ray.data.from_items([{"part": p} for p in parts], override_num_blocks=max(1, min(len(parts), 512))).map_batches(
+        read_plan_parts, batch_size=1, batch_format="numpy", num_cpus=0, concurrency=readers, fn_kwargs=dict(folder=folder))
+
+
+def decode_and_embed(rows: "list[pa.Table] | ray.data.Dataset", cfg, spec: ModelSpec, prep: Preprocessing,
+                     image_column: str, embed_res: dict, index_uri: str,
+                     keep_max_pixels: int | None = None) -> "ray.data.Dataset":
+    """Catalog-like rows (tables in hand, or a dataset such as `plan_rows`) -> decoded, letterboxed
+    pixels (tasks) -> L2-normalised embeddings (actors).
 
     The embedder class and its arguments come from the model's registered kind; `index_uri`
     is where the kind's per-version files (if any) are read from.
@@ -49,7 +70,8 @@ def decode_and_embed(tables: list, cfg, spec: ModelSpec, prep: Preprocessing, im
     # SPREAD puts decode on every CPU node. The two explicit, different strategies also keep
     # Ray Data from fusing decode into the embed actors (it fuses ops whose remote args
     # match), which would run all decoding serially inside the actors.
-    return ray.data.from_arrow(tables).map_batches(
+    ds = rows if isinstance(rows, ray.data.Dataset) else ray.data.from_arrow(rows)
+    return ds.map_batches(
         decode_batch, batch_size=cfg.decode.batch_size, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
         scheduling_strategy="SPREAD",
         fn_kwargs=dict(image_size=prep.image_size, fill=tuple(prep.fill), max_pixels=cfg.decode.max_pixels,

@@ -165,7 +165,12 @@ class Location:
         return self._retry(check, "exists", *parts)
 
     def read_bytes(self, *parts: str) -> bytes:
-        return self._retry(lambda: self.fs.cat_file(self.path(*parts)), "read", *parts)
+        def read() -> bytes:
+            # A listing cached by this process (s3fs) predates files that Ray workers wrote since: never trust it.
+            self.fs.invalidate_cache(self.path(*parts))
+            return self.fs.cat_file(self.path(*parts))
+
+        return self._retry(read, "read", *parts)
 
     def read_text(self, *parts: str) -> str:
         return self.read_bytes(*parts).decode("utf-8")
