@@ -79,10 +79,15 @@ class IndexConfig(Section):
     keep_versions: int | None = Field(None, gt=0)  # after a publish, delete older versions beyond this many (never
     # the live one, nor one a reader holds a lease on); None keeps every version
     lock_ttl: float = Field(3600.0, gt=0)  # seconds; renewed as parts finish; a crashed run's lock expires after it
+    # Nightly update: a shard whose tombstoned share of vectors passes compact_fraction is rebuilt without them;
+    # small delta shards (fewer than shard_size vectors) are merged once there are more than max_delta_shards.
+    compact_fraction: float = Field(0.2, gt=0, le=1)
+    max_delta_shards: int = Field(8, ge=1)
 
 
 class RunConfig(Section):
     part_size: int = Field(4096, gt=0)  # images per resumable unit of work
+    key_bucket_rows: int = Field(1_000_000, gt=0)  # rows per key-index bucket at a first build (a listing task's bound)
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a new local Ray; "auto" or host:port joins a cluster
     connect_timeout_s: float = Field(60.0, gt=0)  # joining a cluster that does not answer within this fails
     seed: int = 0
@@ -137,6 +142,7 @@ class UpdateOptions(Section):
 
     retrain: bool = False  # retrain on the updated gallery
     retrain_factor: float = Field(2.0, gt=0)  # retrain when the gallery grew this many times since the last training
+    compact: bool = False  # compact every shard with tombstones (and merge small delta shards), whatever the fractions
 
 
 class QueriesConfig(Section):

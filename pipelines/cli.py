@@ -93,15 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_storage_args(p)
 
     p = sub.add_parser("update", help="nightly update: embed only what changed, publish a new version",
-                       description="Diff the source against the live version's catalog (added, changed by etag or size, "
-                       "deleted), embed only added and changed images with the live model, carry the rest over, rebuild "
-                       "the shards on the same trained index (retrain when the gallery grew past --retrain-factor, or "
-                       "with --retrain) and publish a new version. A run with nothing to change publishes nothing.")
+                       description="Diff the source against the live version's key index (added, changed by etag or size, "
+                       "deleted; tar / Parquet containers whose etag and size are unchanged are not opened), embed only "
+                       "added and changed images with the live model into delta shard(s) on the live trained index, "
+                       "tombstone deleted and changed ids, and publish a new version that references the live version's "
+                       "untouched files instead of copying them. Shards whose tombstones pass index.compact_fraction are "
+                       "rebuilt without them (all of them with --compact); every shard is rebuilt on a new training when "
+                       "the gallery grew past --retrain-factor, or with --retrain. A run with nothing to change publishes nothing.")
     p.add_argument("source", nargs="?", help="gallery URI; or source.uri in --config")
     p.add_argument("index", nargs="?", help="index root URI; or index.uri in --config")
     p.add_argument("--retrain", action="store_true", help="retrain the IVF-PQ index on the updated gallery")
     p.add_argument("--retrain-factor", type=float, default=2.0,
                    help="retrain when the gallery is this many times larger than at the last training (default: %(default)s)")
+    p.add_argument("--compact", action="store_true",
+                   help="rebuild every shard that has tombstones without them, and merge small delta shards")
     _add_config_args(p)
 
     p = sub.add_parser("versions", help="list an index's versions", description="List the version folders of an "
@@ -131,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="delete old index versions (never the live one or a leased one)",
                        description="Delete published versions beyond the newest --keep, except the live version and any "
                        "version a running reader (a rerank job) holds a lease on, and abandoned unpublished folders older "
-                       "than the newest published version. Takes the index lock, so no writer is working meanwhile.")
+                       "than the newest published version. Files that a kept version still references (versions share "
+                       "files) stay: such a folder is shown as retired until no kept version needs them. Takes the index "
+                       "lock, so no writer is working meanwhile.")
     p.add_argument("index", help="index root URI")
     p.add_argument("--keep", type=int, required=True, help="how many of the newest published versions to keep")
     _add_storage_args(p)
@@ -160,7 +167,8 @@ def format_versions(rows: list[dict]) -> str:
 
     lines = [f"{'version':9s} {'state':12s} {'indexed':>9s} {'published (UTC)':17s} {'parent':9s} model / factory"]
     for r in rows:
-        state = "live" if r["live"] else "published" if r["published"] else "in progress"
+        state = ("live" if r["live"] else "published" if r["published"] else "retired" if r.get("retired")
+                 else "in progress")
         lines.append(f"{r['version']:9s} {state:12s} {r['indexed'] if r['indexed'] is not None else '-':>9} "
                      f"{when(r['published_at']):17s} {r['parent'] or '-':9s} {r['model'] or '-'} / {r['factory'] or '-'}")
     return "\n".join(lines)
@@ -213,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             from mllm_index.pipelines.update import run_update
 
             cfg = load_config(IndexJobConfig, args.config, {"source.uri": args.source, "index.uri": args.index}, args.overrides)
-            options = load_config(UpdateOptions, None, {"retrain": args.retrain, "retrain_factor": args.retrain_factor})
+            options = load_config(UpdateOptions, None, {"retrain": args.retrain, "retrain_factor": args.retrain_factor,
+                                                        "compact": args.compact})
             init_ray(cfg.run.ray_address, cfg.run.connect_timeout_s)
             _print_summary(run_update(cfg, options), args.json, format_update)
         elif args.command == "versions":
@@ -236,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             index = Location(args.index, _storage_options(args.storage_options))
             with IndexLock(index, "mllm-index gc", ttl_seconds=600):
                 result = collect_garbage(index, args.keep, leased_versions(index))
+            retired = f"; retired (files still referenced): {', '.join(result['retired'])}" if result["retired"] else ""
             print(json.dumps(result) if args.json else f"deleted: {', '.join(result['deleted']) or 'nothing'}; "
-                                                        f"kept: {', '.join(result['kept'])}")
+                                                        f"kept: {', '.join(result['kept'])}{retired}")
         elif args.command == "verify":
             from mllm_index.storage.verify import format_checks, verify_version, versions_to_verify
 

@@ -1,86 +1,40 @@
-"""Nightly update: embed only what changed since the live version, publish a new self-contained one.
+"""Nightly update: the new version costs what changed; everything else is referenced.
 
-1. List the source and diff it against the live catalog by key: added, changed (etag or
-   size differs), deleted, unchanged. Images that failed last time are not in the catalog,
-   so they are retried as "added".
-2. The new version's own parts hold the added and changed images: only those are decoded
-   and embedded, with the live manifest's model and preprocessing.
-3. The live version's catalog and embeddings parts are carried over as further parts of
-   the new version, without the deleted and changed ids (a file copy, no re-embedding).
-4. Shards are rebuilt from all parts on a copy of the live trained index, or retrained
-   from the stored vectors when the gallery grew past `retrain_factor` since the last
-   training (or on request). The new version is published like any other (manifest last,
-   then LATEST), so every version stays complete on its own and old ones can be deleted.
-A run that finds nothing to change publishes nothing.
+1. The diff (`make_update_plan`, in Ray tasks, bucket by bucket of the key index): tar / Parquet
+   containers whose etag and size are unchanged are not opened; added and changed images are cut
+   into parts numbered from the live `next_part`; deleted and changed live rows are listed as
+   `removed` (image_id, part). Images that failed last time are retried as added.
+2. Only the new parts are decoded and embedded, with the live manifest's model and preprocessing.
+3. The manifest references the live version's shards, parts, trained index and model files where
+   they are. Removed rows become tombstones of the shards holding their parts (readers filter
+   them out); the new parts go into delta shard(s) built on the live trained index.
+4. Compaction: a shard whose tombstoned share passes `index.compact_fraction` (every shard with
+   tombstones, with `--compact`) is rebuilt without them, its affected parts rewritten into the new
+   version's folder under the same numbers; small delta shards are merged once there are more than
+   `index.max_delta_shards`. Past `retrain_factor` (or with `--retrain`) the index is retrained and
+   every shard rebuilt, compacted.
+The version is published like any other (manifest last, then LATEST). A run that finds nothing to
+change publishes nothing.
 """
 
 from __future__ import annotations
 
-import posixpath
 import time
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
+from collections import Counter
 
 from mllm_index.configs.schema import ConfigError, IndexJobConfig, UpdateOptions
-from mllm_index.pipelines.build import (JobError, VersionBuild, VersionContent, embed_todo, lost_parts,
-                                        publish_version, write_part_files)
+from mllm_index.pipelines.build import (Embedded, JobError, VersionBuild, VersionContent, build_index, build_shards,
+                                        built_summary, embed_todo, index_summary, listing_failures, publish_manifest)
 from mllm_index.pipelines.index import check_roots, source_spec
-from mllm_index.pipelines.parts import finished_parts, list_entries, read_plan, write_plan
-from mllm_index.pipelines.summaries import UpdateSummary
-from mllm_index.storage.catalog import FAILURE_SCHEMA
-from mllm_index.storage.contracts import FileRef, Manifest, PartStats, SourceInfo, UpdateCounts, version_file, write_contract
+from mllm_index.pipelines.listing import make_update_plan
+from mllm_index.pipelines.summaries import IndexSummary, UpdateSummary
+from mllm_index.pipelines.update_shards import (compact_parts, count_rows, merge_tombstones, part_files, plan_shards,
+                                                stats_files)
+from mllm_index.storage.contracts import Counts, Manifest, PartStats, Plan, SourceInfo, TrainedRef, version_file
+from mllm_index.storage.faiss_store import default_factory
 from mllm_index.storage.lock import IndexLock
-from mllm_index.storage.integrity import read_verified, read_verified_parquet, write_ref
-from mllm_index.storage.shard_store import copy_trained, part_file, trained_ref
 from mllm_index.storage.uris import Location, redact
 from mllm_index.storage.versions import begin_version, fingerprint, read_latest, read_manifest
-
-
-def diff(entries: pa.Table, live: pa.Table) -> tuple[pa.Table, np.ndarray, UpdateCounts]:
-    """(entries to embed: added + changed, ids to drop: deleted + changed, counts)."""
-    before = {k: (e, n, i) for k, e, n, i in zip(live.column("key").to_pylist(), live.column("etag").to_pylist(),
-                                                 live.column("length").to_pylist(), live.column("image_id").to_pylist())}
-    keys, etags, lengths = (entries.column(c).to_pylist() for c in ("key", "etag", "length"))
-    added = [k not in before for k in keys]
-    changed = [k in before and (before[k][0], before[k][1]) != (e, n) for k, e, n in zip(keys, etags, lengths)]
-    present = set(keys)
-    deleted = [i for k, (_, _, i) in before.items() if k not in present]
-    removed = np.array(deleted + [before[k][2] for k, c in zip(keys, changed) if c], np.int64)
-    todo = entries.filter(pa.array([a or c for a, c in zip(added, changed)]))
-    counts = UpdateCounts(added=sum(added), changed=sum(changed), deleted=len(deleted),
-                          unchanged=len(keys) - sum(added) - sum(changed))
-    return todo, removed, counts
-
-
-def carry_over(index: Location, manifest: Manifest, name: str, first_part: int, removed: np.ndarray,
-               done: set[int]) -> None:
-    """Copy the live parts (verified) into the new version as parts first_part.., without the removed ids."""
-    version = index.child("versions", name)
-    drop = pa.array(removed, pa.int64())
-    for j, (catalog, embeddings) in enumerate(zip(manifest.catalog, manifest.embeddings)):
-        part = first_part + j
-        if part in done:
-            continue  # done before an interruption
-        kept = {}
-        for kind, ref in (("catalog", catalog), ("embeddings", embeddings)):
-            table = read_verified_parquet(index, ref)
-            kept[kind] = table.filter(pc.invert(pc.is_in(table.column("image_id"), value_set=drop)))
-        kept["failures"] = pa.Table.from_pylist([], schema=FAILURE_SCHEMA)
-        files = write_part_files(index, name, part, kept)
-        rows = kept["embeddings"].num_rows
-        write_contract(version, PartStats(part=part, rows=rows, indexed=rows, failed=0, dim=manifest.dim,
-                                          carried_from=catalog.path, files=files), "stats", part_file(part, "json"))
-
-
-def copy_model_files(index: Location, manifest: Manifest, name: str) -> dict[str, FileRef]:
-    """The embedder's per-version files, copied into the new version so that it stands alone."""
-    files = {}
-    for key, ref in manifest.model.files.items():
-        path = version_file(name, posixpath.relpath(ref.path, version_file(manifest.version)))
-        files[key] = write_ref(index, path, read_verified(index, ref))
-    return files
 
 
 def run_update(cfg: IndexJobConfig, options: UpdateOptions | None = None) -> UpdateSummary:
@@ -105,44 +59,104 @@ def _update_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock, option
         raise ConfigError(f"model.name: the live version {live} was built with {manifest.model.name!r}; a different model "
                           "needs a full rebuild: run `mllm-index index` into a new index (or the same one) instead")
     spec = source_spec(cfg)
-    settings = {"update_of": live, "source": cfg.source.model_dump(), "part_size": cfg.run.part_size, "retrain": options.retrain}
+    settings = {"update_of": live, "source": cfg.source.model_dump(), "part_size": cfg.run.part_size,
+                "retrain": options.retrain, "compact": options.compact}
     name, resumed = begin_version(index, fingerprint(settings), settings)
     build = VersionBuild(index, name, resumed, cfg, lock, started=t0)
 
     with build.stage("list_diff"):
-        plan = read_plan(build.folder)
-        if plan is not None:
-            removed = build.folder.read_parquet("update", "removed.parquet").column("image_id").to_numpy()
-        else:
-            entries, failures, skipped = list_entries(spec)
-            live_catalog = pa.concat_tables([read_verified_parquet(index, ref, columns=["image_id", "key", "etag", "length"])
-                                             for ref in manifest.catalog])
-            todo, removed, counts = diff(entries, live_catalog)
-            build.folder.write_parquet(pa.table({"image_id": pa.array(removed, pa.int64())}), "update", "removed.parquet")
-            plan = write_plan(build.folder, todo, failures, skipped, cfg.run.part_size, update=counts,
-                              seen=entries.num_rows + len(failures) + sum(skipped.values()), ref_prefix=version_file(name))
+        plan = make_update_plan(build.folder, spec, cfg.run.part_size, version_file(name), index, manifest,
+                                cfg.run.key_bucket_rows)
     changes = plan.update
-    if not (changes.added or changes.changed or changes.deleted or options.retrain):
+    compact_due = options.compact and (any(s.tombstoned for s in manifest.shards)
+                                       or sum(1 for s in manifest.shards if s.delta and s.live < cfg.index.shard_size) > 1)
+    if not (changes.added or changes.changed or changes.deleted or options.retrain or compact_due):
         build.folder.delete()  # nothing to publish: the live version already is the gallery
         return UpdateSummary(live_before=live, update=changes, published=False,
                              stage_seconds={k: round(v, 3) for k, v in build.stages.items()},
                              wall_seconds=round(time.time() - t0, 3))
 
-    model = manifest.model.model_copy(update={"files": copy_model_files(index, manifest, name)})
     source = SourceInfo(uri=redact(spec.location().uri), format=cfg.source.format)
-    content = VersionContent(model, manifest.preprocessing, source, update=changes, live_before=live)
+    content = VersionContent(manifest.model, manifest.preprocessing, source, factory=manifest.factory,
+                             trained_on=manifest.trained_on, update=changes, live_before=live)
     embedded = embed_todo(build, plan, content)
-    with build.stage("carry_over"):
-        finished = finished_parts(build.folder, PartStats)
-        carry_over(index, manifest, name, plan.parts, removed, set(finished) - lost_parts(build, finished))
-    embedded.parts = finished_parts(build.folder, PartStats)  # own parts and carried-over ones
-    total = sum(s.indexed for s in embedded.parts.values())
-    if not (options.retrain or total > options.retrain_factor * manifest.trained_on):
-        if trained_ref(index, name) is None:
-            copy_trained(index, manifest.trained, name)
-        content = VersionContent(model, manifest.preprocessing, source, factory=manifest.factory,
-                                 trained_on=manifest.trained_on, update=changes, live_before=live)
-    built = publish_version(build, plan, embedded, content)
+    built = publish_update(build, plan, embedded, content, manifest, options)
     return UpdateSummary(live_before=live, update=changes, published=True, build=built,
                          stage_seconds=built.stage_seconds, wall_seconds=built.wall_seconds)
 
+
+def publish_update(build: VersionBuild, plan: Plan, embedded: Embedded, content: VersionContent, live: Manifest,
+                   options: UpdateOptions) -> IndexSummary:
+    """Tombstones, delta shards and compaction (or a retrain), then the manifest of references."""
+    cfg, index = build.cfg, build.index
+    missing = [p for p in plan.part_numbers if p not in embedded.parts]
+    if missing:
+        raise JobError(f"parts {missing[:10]} of {build.name} have no marker; re-run the update to finish them")
+    new = {p: embedded.parts[p] for p in plan.part_numbers}
+    files = part_files(live)
+    files.update({p: stats_files(build.name, s) for p, s in new.items()})
+    with build.stage("tombstones"):
+        shards = merge_tombstones(index, build.name, live.shards, plan.removed)
+    total = sum(s.live for s in shards) + sum(s.indexed for s in new.values())
+    retrain = options.retrain or total > options.retrain_factor * live.trained_on
+    if retrain:
+        trained, final, factory = _retrain(build, shards, files, new, live, total)
+    else:
+        trained, final, factory = _deltas(build, shards, files, new, live, options.compact)
+    counts = Counts(seen=plan.seen, indexed=sum(s.live for s in final),
+                    failed=plan.list_failures + sum(s.failed for s in new.values()), skipped=sum(plan.skipped.values()))
+    errors = Counter(plan.list_errors)
+    for s in new.values():
+        errors.update(s.errors)
+    summary = index_summary(build, plan, embedded, content, counts, errors).model_copy(update={"retrained": retrain})
+    if counts.indexed == 0:
+        raise JobError(f"no image would be searchable in {build.name} ({counts.failed} failed, {counts.skipped} skipped); "
+                       f"see {redact(build.folder.uri)}/failures/ — nothing was published")
+    summary = built_summary(summary, trained, final, factory, live.dim, live.metric)
+    order = sorted(p for s in final for p in s.parts)
+    manifest = Manifest(
+        version=build.name, parent=build.folder.read_json("run.json").get("parent"), model=content.model,
+        preprocessing=content.prep, source=content.source, dim=live.dim, metric=live.metric, factory=factory,
+        nprobe=cfg.index.nprobe, rescore=cfg.index.rescore, counts=counts,
+        trained_on=total if retrain else live.trained_on, trained=trained.file, shards=final,
+        embeddings=[files[p]["embeddings"] for p in order], catalog=[files[p]["catalog"] for p in order],
+        # Failures are this run's: images that failed before were retried (listed again as added).
+        failures=[listing_failures(build, plan)] + [new[p].files.get("failures") or files[p]["failures"]
+                                                    for p in sorted(new)],
+        update=content.update, key_buckets=plan.key_buckets, keys=plan.keys, containers=plan.containers,
+    )
+    return publish_manifest(build, manifest, summary)
+
+
+def _deltas(build: VersionBuild, shards, files, new: dict[int, PartStats], live: Manifest, compact_all: bool):
+    """Without retraining: live shards referenced (compacted past the fraction), new parts in delta shards
+    on the live trained index, small deltas merged past max_delta_shards."""
+    cfg = build.cfg
+    plan = plan_shards(shards, {p: s.indexed for p, s in new.items()}, cfg.index.shard_size, cfg.run.part_size,
+                       cfg.index.compact_fraction, cfg.index.max_delta_shards, compact_all)
+    with build.stage("compact"):
+        files.update(compact_parts(build.index, build.name, plan.compact + plan.merged, files))
+    refs = {p: f["embeddings"] for p, f in files.items()}
+    with build.stage("train_add"):
+        built = build_shards(build, {s.shard: list(s.parts) for s in plan.compact if not s.delta}, refs, live.trained)
+        built.update(build_shards(build, {s.shard: list(s.parts) for s in plan.compact if s.delta}, refs, live.trained,
+                                  delta=True))
+        built.update(build_shards(build, plan.groups, refs, live.trained, delta=True))
+    final = sorted(plan.keep + list(built.values()), key=lambda s: s.shard)
+    return TrainedRef(file=live.trained), final, live.factory
+
+
+def _retrain(build: VersionBuild, shards, files, new: dict[int, PartStats], live: Manifest, total: int):
+    """Past retrain_factor (or on request): every part without its tombstoned rows, a new training, every
+    shard rebuilt."""
+    cfg = build.cfg
+    with build.stage("compact"):
+        kept = compact_parts(build.index, build.name, shards, files)
+        rows = count_rows(build.index, {p: f["embeddings"] for p, f in kept.items()})
+    parts = {p: PartStats(part=p, rows=rows[p], indexed=rows[p], failed=0, dim=live.dim, files=f) for p, f in kept.items()}
+    parts.update({p: s.model_copy(update={"files": files[p]}) for p, s in new.items()})
+    files.update(kept)
+    factory = cfg.index.factory if cfg.index.factory != "auto" else default_factory(total, live.dim)
+    with build.stage("train_add"):
+        trained, final = build_index(build, parts, factory)
+    return trained, final, factory

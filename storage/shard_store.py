@@ -1,9 +1,10 @@
 """Build one index version's FAISS files from its float16 embeddings parts.
 
 `train_version` writes `trained.faiss` and then `trained.json` (its `TrainedRef`); `build_shard`
-writes `shards/shard-NNNNN.faiss`
-and then `shards/shard-NNNNN.json` (its `ShardRef`), whose presence marks the shard done (so a
-re-run rebuilds only shards without a marker). Plain functions: the job runs them as
+writes `shards/shard-NNNNN.faiss` and then `shards/shard-NNNNN.json` (its `ShardRef`), whose
+presence marks the shard done (so a re-run rebuilds only shards without a marker). Both read
+their inputs by reference, verified: a nightly update builds delta shards on the live version's
+trained index from parts in its own folder, a compaction from parts in earlier folders. Plain functions: the job runs them as
 Ray tasks, a test or a notebook can call them directly.
 """
 
@@ -13,8 +14,8 @@ import numpy as np
 
 from mllm_index.storage.catalog import embeddings_from_table
 from mllm_index.storage.contracts import FileRef, ShardRef, TrainedRef, read_contract, version_file, write_contract
-from mllm_index.storage.integrity import digest, read_verified
-from mllm_index.storage.faiss_store import add_vectors, index_from_bytes, index_to_bytes, train_index
+from mllm_index.storage.integrity import digest, load_faiss_verified, read_verified_parquet
+from mllm_index.storage.faiss_store import add_vectors, index_to_bytes, train_index
 from mllm_index.storage.shard_vectors import write_shard_vectors
 from mllm_index.storage.uris import Location
 
@@ -29,8 +30,15 @@ def shard_file(shard: int, ext: str = "faiss") -> str:
     return f"shard-{shard:05d}.{ext}"
 
 
-def sample_vectors(version: Location, part_counts: dict[int, int], sample_size: int, seed: int) -> np.ndarray:
-    """A uniform random sample over all parts, drawn part by part (no part is loaded twice)."""
+def own_parts(version_name: str, parts) -> dict[int, FileRef]:
+    """References to a version's own embeddings parts (the index job's layout)."""
+    return {p: FileRef(path=version_file(version_name, "embeddings", part_file(p))) for p in parts}
+
+
+def sample_vectors(index: Location, refs: dict[int, FileRef], part_counts: dict[int, int], sample_size: int,
+                   seed: int) -> np.ndarray:
+    """A uniform random sample over all parts, drawn part by part (no part is loaded twice); the parts
+    may live in any version's folder."""
     total = sum(part_counts.values())
     rng = np.random.default_rng(seed)
     chunks = []
@@ -38,23 +46,19 @@ def sample_vectors(version: Location, part_counts: dict[int, int], sample_size: 
         if count == 0:
             continue
         take = min(count, int(np.ceil(sample_size * count / total)))
-        _, vecs = embeddings_from_table(version.read_parquet("embeddings", part_file(part)))
-        chunks.append(vecs[np.sort(rng.choice(count, size=take, replace=False))])
+        _, vecs = embeddings_from_table(read_verified_parquet(index, refs[part]))
+        chunks.append(vecs[np.sort(rng.choice(len(vecs), size=min(take, len(vecs)), replace=False))])
     return np.concatenate(chunks).astype(np.float32)
 
 
 def train_version(index: Location, version_name: str, part_counts: dict[int, int], factory: str, metric: str,
-                  sample_size: int, seed: int, use_gpu: bool) -> TrainedRef:
-    """Train the empty index shared by every shard; writes trained.faiss, then trained.json."""
-    version = index.child("versions", version_name)
-    vectors = sample_vectors(version, part_counts, sample_size, seed)
+                  sample_size: int, seed: int, use_gpu: bool, refs: dict[int, FileRef] | None = None) -> TrainedRef:
+    """Train the empty index shared by every shard; writes trained.faiss, then trained.json.
+    `refs`: the embeddings parts by part number (default: the version's own)."""
+    refs = refs or own_parts(version_name, part_counts)
+    vectors = sample_vectors(index, refs, part_counts, sample_size, seed)
     data = index_to_bytes(train_index(factory, vectors, metric, use_gpu=use_gpu))
     return _save_trained(index, version_name, data, len(vectors))
-
-
-def copy_trained(index: Location, source: FileRef, version_name: str) -> TrainedRef:
-    """Reuse a trained index (the live version's, for an update): verified, then copied into this version."""
-    return _save_trained(index, version_name, read_verified(index, source), 0)
 
 
 def _save_trained(index: Location, version_name: str, data: bytes, points: int) -> TrainedRef:
@@ -75,34 +79,42 @@ def trained_ref(index: Location, version_name: str) -> TrainedRef | None:
     return None
 
 
-def build_shard(index: Location, version_name: str, shard: int, parts: list[int], use_gpu: bool) -> ShardRef:
-    """Copy of the trained index + all vectors of `parts`; writes the shard, then its marker."""
+def build_shard(index: Location, version_name: str, shard: int, parts: list[int], use_gpu: bool,
+                trained: FileRef | None = None, embeddings: list[FileRef] | None = None, delta: bool = False) -> ShardRef:
+    """The trained index (this version's, or `trained` from another folder: an update's delta shards
+    go on the live training) + all vectors of `parts` (`embeddings`: their files, wherever they are);
+    writes the shard into this version's folder, then its marker."""
     version = index.child("versions", version_name)
-    trained = index_from_bytes(version.read_bytes(TRAINED))
+    trained_index = load_faiss_verified(index, trained or trained_ref(index, version_name).file)
+    refs = embeddings if embeddings is not None else list(own_parts(version_name, parts).values())
     ids, vecs = [], []
-    for part in parts:
-        part_ids, part_vecs = embeddings_from_table(version.read_parquet("embeddings", part_file(part)))
+    for ref in refs:
+        part_ids, part_vecs = embeddings_from_table(read_verified_parquet(index, ref))
         ids.append(part_ids)
         vecs.append(part_vecs)
-    filled = trained
+    filled = trained_index
     ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-    vecs = np.concatenate(vecs) if vecs else np.zeros((0, trained.d), np.float16)
+    vecs = np.concatenate(vecs) if vecs else np.zeros((0, trained_index.d), np.float16)
     if len(ids):
-        filled = add_vectors(trained, ids, vecs.astype(np.float32), use_gpu=use_gpu)
+        filled = add_vectors(trained_index, ids, vecs.astype(np.float32), use_gpu=use_gpu)
     # The shard's ids and float16 vectors sorted by id: an exact re-score reads only its shortlist's rows.
     ids_ref, vectors_ref = write_shard_vectors(version, version_name, shard, ids, vecs)
     data = index_to_bytes(filled)
     version.write_bytes(data, "shards", shard_file(shard))
     ref = ShardRef(file=digest(version_file(version_name, "shards", shard_file(shard)), data), shard=shard, parts=parts,
-                   ntotal=int(filled.ntotal), ids=ids_ref, vectors=vectors_ref)
+                   ntotal=int(filled.ntotal), ids=ids_ref, vectors=vectors_ref, delta=delta)
     write_contract(version, ref, "shards", shard_file(shard, "json"))  # the shard's done marker
     return ref
 
 
-def finished_shard(index: Location, version_name: str, shard: int) -> ShardRef | None:
+def finished_shard(index: Location, version_name: str, shard: int, parts: list[int] | None = None) -> ShardRef | None:
+    """The shard's marker, if this version built it already (with these parts, when given)."""
     version = index.child("versions", version_name)
     marker = ("shards", shard_file(shard, "json"))
-    return read_contract(version, ShardRef, *marker) if version.exists(*marker) else None
+    if not version.exists(*marker):
+        return None
+    ref = read_contract(version, ShardRef, *marker)
+    return ref if parts is None or ref.parts == list(parts) else None
 
 
 def version_parts(version_name: str, folder: str, parts: list[int]) -> list[FileRef]:
@@ -127,11 +139,13 @@ def publish_vectors(index: Location, ids: np.ndarray, vectors: np.ndarray, facto
         table = embeddings_table(ids[start : start + part_size], vectors[start : start + part_size])
         embedding_refs.append(write_parquet_ref(index, version_file(name, "embeddings", part_file(p)), table))
         counts[p] = table.num_rows
+    refs = dict(enumerate(embedding_refs))
     trained = train_version(index, name, counts, factory, metric, train_sample_size(factory, len(ids), 1_000_000),
-                            seed=0, use_gpu=True)
+                            seed=0, use_gpu=True, refs=refs)
     parts = sorted(counts)
-    shards = [build_shard(index, name, s, parts[i : i + parts_per_shard], use_gpu=True)
-              for s, i in enumerate(range(0, len(parts), parts_per_shard))]
+    groups = [parts[i : i + parts_per_shard] for i in range(0, len(parts), parts_per_shard)]
+    shards = [build_shard(index, name, s, group, use_gpu=True, embeddings=[refs[p] for p in group])
+              for s, group in enumerate(groups)]
     publish(index, Manifest(version=name, parent=index.read_json("versions", name, "run.json").get("parent"),
                             metric=metric, dim=int(vectors.shape[1]), factory=factory, shards=shards,
                             counts=Counts(seen=len(ids), indexed=len(ids)), trained_on=len(ids), trained=trained.file,

@@ -2,7 +2,8 @@
 
 A reader resolves LATEST and then reads only that version's manifest-listed files, so it
 sees the old version or the new one, never a partial one. A version folder without a
-manifest is work in progress; a re-run with the same job fingerprint resumes it.
+manifest is work in progress (a re-run with the same job fingerprint resumes it), or retired:
+a deleted version whose folder keeps the files that later versions still reference.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from mllm_index.storage.contracts import Manifest, ManifestError, parse_manifest
 from mllm_index.storage.uris import Location, redact
 
 VERSION_PATTERN = re.compile(r"^v(\d{6})$")
-MANIFEST, LATEST, RUN = "manifest.json", "LATEST", "run.json"
+MANIFEST, LATEST, RUN, RETIRED = "manifest.json", "LATEST", "run.json", "retired.json"
 
 
 def version_name(number: int) -> str:
@@ -92,14 +93,21 @@ def publish(index: Location, manifest: Manifest) -> Manifest:
     return manifest
 
 
+def is_retired(index: Location, version: str) -> bool:
+    """A deleted version whose folder still holds files that kept versions reference."""
+    return index.exists("versions", version, RETIRED) and not is_published(index, version)
+
+
 def version_table(index: Location) -> list[dict]:
-    """One row per version folder: published or not, live or not, counts and times."""
+    """One row per version folder: published or not, live or not, retired (deleted, files still
+    referenced by later versions) or in progress, counts and times."""
     live = read_latest(index)
     rows = []
     for name in list_versions(index):
         m = read_manifest(index, name) if is_published(index, name) else None
         run = index.read_json("versions", name, RUN) if index.exists("versions", name, RUN) else {}
-        rows.append({"version": name, "live": name == live, "published": m is not None,
+        retired = m is None and index.exists("versions", name, RETIRED)
+        rows.append({"version": name, "live": name == live, "published": m is not None, "retired": retired,
                      "published_at": m and m.published_at, "started_at": run.get("started_at"),
                      "parent": m.parent if m else run.get("parent"), "indexed": m and m.counts.indexed,
                      "model": m and m.model and m.model.name, "factory": m and m.factory, "format": m and m.format})
@@ -118,6 +126,12 @@ def collect_garbage(index: Location, keep: int, protected: set[str] = frozenset(
     """Delete published versions beyond the newest `keep`, except the live one and `protected` (leased)
     ones, and abandoned unpublished folders older than the newest published version.
 
+    Versions reference files in earlier versions' folders, so deleting a version deletes its
+    manifest and every file of its folder that no kept version (kept, live, leased, or a run in
+    progress) references; files still referenced stay, and the folder is marked retired until a
+    later collection finds them unreferenced too. Returns the versions deleted (manifests gone),
+    the folders left retired, and the versions kept.
+
     Call it holding the index lock: then no writer is working in any folder it deletes.
     """
     if keep < 1:
@@ -127,13 +141,46 @@ def collect_garbage(index: Location, keep: int, protected: set[str] = frozenset(
     published = [r["version"] for r in rows if r["published"]]
     newest = published[-1] if published else None
     keep_set = set(published[-keep:]) | {live} | set(protected)
-    deleted, kept = [], []
+    doomed, kept = [], []
     for r in rows:
         name = r["version"]
-        abandoned = not r["published"] and newest is not None and name < newest
+        abandoned = not r["published"] and newest is not None and name < newest  # retired folders included
         if (r["published"] and name not in keep_set) or (abandoned and name not in protected):
-            index.delete("versions", name)
-            deleted.append(name)
+            doomed.append(r)
         else:
             kept.append(name)
-    return {"deleted": deleted, "kept": kept}
+    referenced = referenced_paths(index, [r["version"] for r in rows if r["published"] and r["version"] in keep_set])
+    deleted, retired = [], []
+    for r in doomed:
+        name = r["version"]
+        if r["published"]:  # no longer a version from here on: a crash below leaves a folder the next run cleans
+            index.write_json({"retired_at": time.time()}, "versions", name, RETIRED)
+            index.delete("versions", name, MANIFEST)
+        if _delete_unreferenced(index, name, referenced):
+            retired.append(name)
+        if r["published"] or not r["retired"] or name not in retired:
+            deleted.append(name)
+    return {"deleted": deleted, "retired": retired, "kept": kept}
+
+
+def referenced_paths(index: Location, versions: list[str]) -> set[str]:
+    """Every file (path relative to the index root) the manifests of `versions` reference."""
+    return {ref.path for name in versions for ref in read_manifest(index, name).files()}
+
+
+def _delete_unreferenced(index: Location, version: str, referenced: set[str]) -> bool:
+    """Delete the folder's files that `referenced` does not name; True when some remain (the folder is
+    then retired: it holds only those files and its marker), False when the whole folder went."""
+    folder = f"versions/{version}"
+    files = [index.relative(p) if index.path() != "/" else p.lstrip("/") for p in index.find(folder)]
+    keep = [f for f in files if f in referenced]
+    if not keep:
+        index.delete("versions", version)
+        return False
+    marker = f"{folder}/{RETIRED}"
+    for path in files:
+        if path not in referenced and path != marker:
+            index.delete(path)
+    if marker not in files:
+        index.write_json({"retired_at": time.time()}, "versions", version, RETIRED)
+    return True

@@ -4,6 +4,7 @@ import threading
 import time
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from mllm_index.configs.schema import IndexJobConfig, load_config
@@ -132,3 +133,52 @@ def test_retention_setting_runs_after_each_publish(ray_session, tiny_dinov2, tmp
         summary = run_index(cfg)
     assert summary.garbage_collected == ["v000001"]
     assert [r["version"] for r in version_table(Location(str(tmp_path / "idx")))] == ["v000002", "v000003"]
+
+
+def test_garbage_collection_never_deletes_a_file_that_a_kept_live_or_leased_version_references(tmp_path):
+    """Versions share files (an update references the live version's shards and parts): deleting a
+    version deletes only the files of its folder that no remaining version references."""
+    from mllm_index.storage.contracts import version_file
+    from mllm_index.storage.lock import ReadLease, leased_versions
+    from mllm_index.storage.tombstones import write_tombstones
+    from mllm_index.storage.versions import begin_version, collect_garbage, publish as publish_manifest, read_manifest
+
+    index = Location(str(tmp_path / "idx"))
+    v1 = publish(index, 400, 1)
+    base = read_manifest(index, v1)
+    # v2 references every file of v1 and adds tombstones of its own for shard 0 (as an update does).
+    v2, _ = begin_version(index, "update", {})
+    dead = np.array([10_000, 10_001], np.int64)
+    tomb = write_tombstones(index, version_file(v2, "tombstones", "shard-00000.parquet"),
+                            pa.table({"image_id": dead, "part": np.zeros(2, np.int32)}))
+    shards = [base.shards[0].model_copy(update={"tombstones": tomb, "tombstoned": 2})]
+    publish_manifest(index, base.model_copy(update={"version": v2, "parent": v1, "shards": shards,
+                                                    "counts": base.counts.model_copy(update={"indexed": 398, "seen": 398})}))
+    v3 = publish(index, 300, 3)  # live, shares nothing
+    shared = {ref.path for ref in read_manifest(index, v2).files()}
+    assert any(p.startswith(f"versions/{v1}/") for p in shared)
+
+    with ReadLease(index, v2, "a rerank run"):
+        result = collect_garbage(index, keep=1, protected=leased_versions(index))
+        assert result == {"deleted": [v1], "retired": [v1], "kept": [v2, v3]}
+        for version in (v2, v3):  # every file of the leased and the live version is still there
+            assert all(index.exists(ref.path) for ref in read_manifest(index, version).files())
+        rows = {r["version"]: r for r in version_table(index)}
+        assert rows[v1]["retired"] and not rows[v1]["published"]
+        left = {index.relative(p) for p in index.find("versions", v1)}
+        assert left == {p for p in shared if p.startswith(f"versions/{v1}/")} | {f"versions/{v1}/retired.json"}
+        with pytest.raises(ValueError, match="not a published version"):
+            rollback(index, v1)
+        rollback(index, v2)  # the leased version still works as a whole
+        searcher = IndexSearcher(index.uri)
+        assert searcher.version == v2 and searcher.ntotal == 400
+        scores, ids = searcher.search(clustered_vectors(400, 32, seed=1)[:5].astype(np.float32), k=3)
+        assert not np.isin(ids, dead).any()
+        rollback(index, v3)
+    from mllm_index.pipelines.cli import format_versions
+
+    assert f"{v1}   retired" in format_versions(version_table(index))
+    result = collect_garbage(index, keep=1, protected=leased_versions(index))  # the lease is gone
+    assert result == {"deleted": [v1, v2], "retired": [], "kept": [v3]}
+    assert not index.exists("versions", v1) and not index.exists("versions", v2)
+    assert all(index.exists(ref.path) for ref in read_manifest(index, v3).files())
