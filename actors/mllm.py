@@ -149,7 +149,7 @@ class ScoreStats:
     path: str
     pairs: int = 0
     images: int = 0  # images processed and encoded: unique per call (prefix reuse), else two per pair
-    visual_tokens: int = 0  # summed over those images
+    visual_tokens: int = 0  # image tokens in the prompts: two image slots per pair, whatever was encoded
     prompt_tokens: int = 0  # full prompt length, summed over pairs
     computed_tokens: int = 0  # tokens that went through the language model (prefixes once per query)
     cached_tokens: int = 0  # prompt tokens served from a prefix cache (vLLM)
@@ -158,7 +158,7 @@ class ScoreStats:
     def summary(self) -> dict:
         per = lambda a, b: round(a / b, 2) if b else None  # noqa: E731
         return {"backend": self.backend, "path": self.path, "pairs": self.pairs, "images": self.images,
-                "visual_tokens_per_image": per(self.visual_tokens, self.images),
+                "visual_tokens_per_image": per(self.visual_tokens, 2 * self.pairs),
                 "tokens_per_pair": per(self.prompt_tokens, self.pairs),
                 "computed_tokens_per_pair": per(self.computed_tokens, self.pairs),
                 "cached_tokens_per_pair": per(self.cached_tokens, self.pairs), "forwards": self.forwards}

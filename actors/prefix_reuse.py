@@ -154,7 +154,7 @@ class PrefixReuse:
         encoded = dict(zip(order, self._encode(capped, scorer.batch_size)))
         s = scorer.stats
         s.images, s.pairs = s.images + len(order), s.pairs + len(pairs)
-        s.visual_tokens += sum(e.tokens for e in encoded.values())
+        s.visual_tokens += sum(encoded[kq].tokens + encoded[kc].tokens for kq, kc in keys)  # per prompt slot
         by_query: dict = {}
         for i, (kq, _) in enumerate(keys):
             by_query.setdefault(kq, []).append(i)

@@ -166,12 +166,13 @@ class VLLMScorer:
 
 
 # -- ray.data.llm ------------------------------------------------------------------------------
-def processor_config(r: dict, pixel_size: dict | None = None, n_answers: int = 20):
+def processor_config(r: dict, pixel_size: dict | None = None, n_answers: int = 20, env: dict | None = None):
     """A `ray.data.llm.vLLMEngineProcessorConfig` from the reranker settings (the config section).
 
     Prompts arrive rendered and images as multimodal data, so the chat-template, tokenize and
     detokenize stages are off. `concurrency` engine replicas; `accelerator_type` (e.g. "H100")
-    pins them to that GPU type; on CPU one engine takes one CPU bundle."""
+    pins them to that GPU type; on CPU one engine takes one CPU bundle. `env`: environment variables of
+    the engine replicas (the prefix-cache tally's name, actors/vllm_prefix_stats.py)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     gpu = on_gpu(r.get("device", "auto"))
@@ -179,12 +180,14 @@ def processor_config(r: dict, pixel_size: dict | None = None, n_answers: int = 2
         model_source=r["model"], engine_kwargs=engine_kwargs(r, n_answers, pixel_size), batch_size=r["batch_size"],
         concurrency=r.get("concurrency") or 1, accelerator_type=r.get("accelerator_type") if gpu else None,
         placement_group_config=None if gpu else {"bundles": [{"CPU": 1}]},
-        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False)
+        chat_template_stage=False, tokenize_stage=False, detokenize_stage=False, log_engine_metrics=False,
+        runtime_env={"env_vars": dict(env)} if env else None)
 
 
-def build_rerank_processor(r: dict):
+def build_rerank_processor(r: dict, env: dict | None = None):
     """A Ray Data stage: rows with `query_image` and `candidate_image` (HxWx3 uint8 arrays, already
-    capped to max_pixels) in, the same rows with `rerank_score` out, images and engine columns dropped.
+    capped to max_pixels) in, the same rows with `rerank_score`, `prompt_tokens` and `visual_tokens`
+    out, images and engine columns dropped.
 
     Rows may carry `query_uuid` / `candidate_uuid` (strings naming image content across the run,
     e.g. "q:<query_id>", "g:<image_id>"): vLLM then skips hashing those pixels."""
@@ -201,13 +204,21 @@ def build_rerank_processor(r: dict):
             out["multimodal_uuids"] = {"image": [str(row["query_uuid"]), str(row["candidate_uuid"])]}
         return out
 
-    engine_columns = {"query_image", "candidate_image", "prompt", "multimodal_data", "multimodal_uuids", "sampling_params",
-                      "generated_tokens", "generated_text", "logprobs", "metrics", "prompt_token_ids", "prompt_logprobs",
-                      "embeddings", "num_generated_tokens", "time_taken_llm", "batch_uuid", "request_id", "params"}
+    engine_columns = {"query_image", "candidate_image", "query_uuid", "candidate_uuid", "prompt", "multimodal_data",
+                      "multimodal_uuids", "sampling_params", "generated_tokens", "generated_text", "logprobs", "metrics",
+                      "prompt_token_ids", "prompt_logprobs", "embeddings", "num_generated_tokens", "num_input_tokens",
+                      "time_taken_llm", "batch_uuid", "request_id", "params", "__inference_error__"}
+    image_token = spec.image_token
 
     def postprocess(row: dict) -> dict:
+        """P(yes), and the prompt's length and image tokens (ray.data.llm rows carry no prefix-cache counts)."""
         keep = {k: v for k, v in row.items() if k not in engine_columns}
-        return {**keep, "rerank_score": p_yes_from_logprobs(row["logprobs"][0], yes, no)}
+        ids = row.get("prompt_token_ids")
+        ids = [] if ids is None else list(ids)
+        visual = sum(1 for t in ids if t == image_token) if image_token is not None else 0
+        return {**keep, "rerank_score": p_yes_from_logprobs(row["logprobs"][0], yes, no), "prompt_tokens": len(ids),
+                "visual_tokens": visual}
 
-    return build_processor(processor_config(r, spec.pixel_size, len(yes) + len(no)), preprocess=preprocess,
-                           postprocess=postprocess)
+    light = {"num_cpus": 0.25}  # per-row dict work: a whole CPU per task would starve the stages around it
+    return build_processor(processor_config(r, spec.pixel_size, len(yes) + len(no), env), preprocess=preprocess,
+                           postprocess=postprocess, preprocess_map_kwargs=light, postprocess_map_kwargs=light)

@@ -140,7 +140,7 @@ def main() -> None:
         scorer.stats = ScoreStats(scorer.backend, scorer.path)
         scorer.score(pairs)  # untimed: exact prompt and visual token counts of these pairs
         prompt = scorer.stats.prompt_tokens / scorer.stats.pairs  # full prompt length (what a full forward computes)
-        patches = 4 * scorer.stats.visual_tokens / scorer.stats.images  # 2 x 2 patches merge into one token
+        patches = 4 * scorer.stats.visual_tokens / (2 * scorer.stats.pairs)  # per image slot; 2 x 2 patches make a token
         scorer.stats = ScoreStats(scorer.backend, scorer.path)
 
         rows = []

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections import Counter
 
 import numpy as np
@@ -26,7 +27,8 @@ import pyarrow.compute as pc
 import ray
 
 from mllm_index.actors.fetch import fetch_candidates
-from mllm_index.actors.registry import reranker_kind
+from mllm_index.actors.pair_rows import RegroupPairs, explode_pairs
+from mllm_index.actors.registry import TRANSFORMERS, reranker_kind
 from mllm_index.actors.rerank import ScoreCandidates
 from mllm_index.configs.schema import ConfigError, RerankJobConfig
 from mllm_index.pipelines.catalog_buckets import ensure_catalog_buckets
@@ -35,7 +37,7 @@ from mllm_index.pipelines.result_parts import (QUERY_FAILURE_SCHEMA, RESULT_SCHE
                                                finish_part, write_results, written_queries)
 from mllm_index.pipelines.search_stages import add_search_stages, plan_search
 from mllm_index.pipelines.stages import actor_resources, decode_and_embed, plan_actor_pools
-from mllm_index.pipelines.summaries import QueryCounts, RerankSummary, StorageRetries
+from mllm_index.pipelines.summaries import QueryCounts, RerankSummary, ScoringSummary, StorageRetries
 from mllm_index.storage.contracts import Manifest, QueryPartStats, write_contract
 from mllm_index.storage.lock import ReadLease
 from mllm_index.storage.retry import RetryMeter
@@ -135,7 +137,8 @@ def _rerank_leased(cfg: RerankJobConfig, index: Location, out: Location, version
         candidate_failures=sum(s.candidate_failures for s in done.values()), errors=dict(errors),
         parts=plan.parts, parts_this_run=len(todo), stage_seconds={k: round(v, 3) for k, v in stages.items()},
         wall_seconds=round(time.time() - t0, 3), output_uri=redact(out.uri), startup_seconds=timing.get("startup_seconds"),
-        storage_retries=StorageRetries(driver=retries.count(), workers=sum(done[p].retries for p in todo)))
+        storage_retries=StorageRetries(driver=retries.count(), workers=sum(done[p].retries for p in todo)),
+        scoring=ScoringSummary.from_parts([done[p] for p in todo], timing.get("prefix_cache")))
     write_contract(out, summary, "summary.json")
     return summary
 
@@ -156,6 +159,49 @@ def _unfinished_tables(out: Location, todo: list[int], boxes: dict, roots: list[
     return tables, expected
 
 
+REGROUP = {"field": "reranker (regrouping pairs)", "num_cpus": 0.1, "concurrency": 1}
+
+
+def ray_data_llm_wanted(kind: str, settings: dict) -> bool:
+    """`reranker.backend` resolves to vllm (explicitly, or auto on a GPU): score through the ray.data.llm stage,
+    or, where ray.data.llm cannot be imported, through the vLLM scorer inside the scoring actors."""
+    from mllm_index.actors.vllm_scorer import resolve_backend  # imports torch: only for a model reranker
+
+    try:
+        if kind != TRANSFORMERS or resolve_backend(settings) != "vllm":
+            return False
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    try:
+        import ray.data.llm  # noqa: F401
+    except ImportError as exc:
+        log.warning("ray.data.llm is not importable (%s): vLLM scores inside the rerank actors instead", exc)
+        return False
+    return True
+
+
+def score_with_actors(ds, cfg: RerankJobConfig, settings: dict, res: dict):
+    """Query rows -> scoring actors (transformers, a classic scorer, or the in-actor vLLM scorer) -> ranked query rows."""
+    return ds.map_batches(
+        ScoreCandidates, batch_size=cfg.reranker.queries_per_batch, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=res["concurrency"]), num_gpus=res["num_gpus"], num_cpus=res["num_cpus"],
+        fn_constructor_kwargs=dict(reranker=settings))
+
+
+def score_with_ray_data_llm(ds, cfg: RerankJobConfig, settings: dict, res: dict, env: dict | None = None):
+    """Query rows -> one row per pair (adjacent per query, query image first) -> the ray.data.llm vLLM stage ->
+    query rows again (actors/pair_rows.py says why one regrouping actor keyed by query) -> ranked query rows."""
+    from mllm_index.actors.vllm_scorer import build_rerank_processor
+
+    r = cfg.reranker
+    ds = ds.map_batches(explode_pairs, batch_size=r.queries_per_batch, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
+                        fn_kwargs=dict(depth=r.depth, symmetric=r.symmetric))
+    ds = build_rerank_processor({**settings, "concurrency": res["concurrency"]}, env)(ds)
+    return ds.map_batches(RegroupPairs, batch_size=None, batch_format="numpy", num_cpus=REGROUP["num_cpus"],
+                          compute=ray.data.ActorPoolStrategy(size=1), fn_constructor_kwargs=dict(depth=r.depth,
+                          weight=r.fusion_weight))
+
+
 def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: Location, version: str, manifest: Manifest,
                   run_id: str, boxes: dict, roots: list[str], lease: ReadLease) -> dict:
     """Stream the unfinished queries through decode -> embed -> search groups -> catalog + candidate fetch (tasks)
@@ -171,7 +217,10 @@ def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: L
     embed_res = actor_resources(cfg.embed, "embed")
     rerank_res = actor_resources(cfg.reranker, "reranker")
     search = plan_search(manifest, cfg.search)
-    plan_actor_pools([embed_res, search.resources, rerank_res], cfg.decode.num_cpus)
+    vllm_stage = kind is not None and ray_data_llm_wanted(kind.name, {**cfg.reranker.model_dump(), "device": rerank_res["device"]})
+    if vllm_stage:  # engine replicas (one CPU bundle each on CPU) and the regrouping actor
+        rerank_res = {**rerank_res, "num_cpus": rerank_res["num_cpus"] if rerank_res["num_gpus"] else 1.0}
+    plan_actor_pools([embed_res, search.resources, rerank_res] + ([REGROUP] if vllm_stage else []), cfg.decode.num_cpus)
     ds = decode_and_embed(tables, cfg, manifest.model, manifest.preprocessing, cfg.queries.image_column, embed_res, index.uri,
                           keep_max_pixels=max_pixels if kind else None)
     ds = add_search_stages(ds, search, index.uri, version, options, cfg.search.batch_size)
@@ -180,13 +229,18 @@ def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: L
         fetch_candidates, batch_size=cfg.reranker.queries_per_batch, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
         fn_kwargs=dict(catalog_uri=catalog.folder.uri, storage_options=options, image_column=cfg.queries.image_column,
                        depth=cfg.reranker.depth if kind else 0, decode=decode, max_pixels=max_pixels),
-    ).map_batches(
-        ScoreCandidates, batch_size=cfg.reranker.queries_per_batch, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=rerank_res["concurrency"]), num_gpus=rerank_res["num_gpus"],
-        num_cpus=rerank_res["num_cpus"],
-        fn_constructor_kwargs=dict(reranker={**cfg.reranker.model_dump(), "device": rerank_res["device"],
-                                             "num_threads": rerank_res["num_threads"]}),
-    ).map_batches(
+    )
+    settings = {**cfg.reranker.model_dump(), "device": rerank_res["device"], "num_threads": rerank_res["num_threads"]}
+    tally = None
+    if vllm_stage:  # the engines' prefix-cache counters (their output rows do not carry them)
+        from mllm_index.actors.vllm_prefix_stats import ENV, PrefixCacheTally
+
+        name = f"mllm-index-prefix-cache-{run_id}-{uuid.uuid4().hex[:8]}"
+        tally = PrefixCacheTally.options(name=name).remote()
+        ds = score_with_ray_data_llm(ds, cfg, settings, rerank_res, {ENV: name})
+    else:
+        ds = score_with_actors(ds, cfg, settings, rerank_res)
+    ds = ds.map_batches(
         write_results, batch_size=cfg.reranker.queries_per_batch, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
         fn_kwargs=dict(out=out, run_id=run_id, reranker=reranker or "knn", expected=expected),
     )
@@ -195,4 +249,8 @@ def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: L
         lease.renew()
         pairs += int(batch["pairs_scored"].sum())
         first = first or (time.time() if len(batch["part"]) else None)
-    return {"pairs_scored": pairs, **({"startup_seconds": round(first - started, 3)} if first else {})}
+    timing = {"pairs_scored": pairs, **({"startup_seconds": round(first - started, 3)} if first else {})}
+    if tally is not None:
+        timing["prefix_cache"] = ray.get(tally.totals.remote())
+        ray.kill(tally)
+    return timing

@@ -30,6 +30,8 @@ RESULT_SCHEMA = pa.schema([
 ])
 QUERY_FAILURE_SCHEMA = pa.schema(list(FAILURE_SCHEMA) + [("query_id", pa.int64())])
 CHUNKS = "chunks"
+# Scoring counters of the query rows (the scorer's, see actors/rerank.py) summed into the part stats:
+SCORING_FIELDS = ("images_encoded", "visual_tokens", "prompt_tokens", "computed_tokens", "cached_tokens")
 
 
 def _rows(cols: dict[str, np.ndarray], q: int, run_id: str, reranker: str) -> tuple[list[dict], list[dict]]:
@@ -73,6 +75,17 @@ def written_queries(out: Location, part: int) -> set[int]:
     return done
 
 
+def scoring_counts(batch: dict[str, np.ndarray], sel: np.ndarray) -> dict:
+    """The scorer's raw counters over some query rows (see `rerank.scoring_columns`), as part stats fields."""
+    out: dict = {c: int(batch[c][sel].sum()) for c in SCORING_FIELDS if c in batch}
+    paths: Counter = Counter()
+    if "scorer_path" in batch:
+        for path, prompts in zip(batch["scorer_path"][sel], batch["scored_prompts"][sel]):
+            if path:
+                paths[str(path)] += int(prompts)
+    return {**out, "scorer_paths": dict(paths)}
+
+
 def write_results(batch: dict[str, np.ndarray], *, out: Location, run_id: str, reranker: str,
                   expected: dict[int, int]) -> dict[str, np.ndarray]:
     """Ray Data task: write this batch's chunk of each part it holds; finish the parts it completes."""
@@ -92,7 +105,7 @@ def write_results(batch: dict[str, np.ndarray], *, out: Location, run_id: str, r
         out.write_parquet(pa.Table.from_pylist(failures, schema=QUERY_FAILURE_SCHEMA), *folder, f"{name}.failures.parquet")
         stats = {"query_ids": query_ids, "queries_ok": int(batch["ok"][sel].sum()), "results": len(results),
                  "pairs_scored": int(batch["pairs_scored"][sel].sum()),
-                 "retries": int(batch["retries"][sel].sum()) if "retries" in batch else 0}
+                 "retries": int(batch["retries"][sel].sum()) if "retries" in batch else 0, **scoring_counts(batch, sel)}
         out.write_json(stats, *folder, f"{name}.json")  # the chunk's marker, last
         complete = written_count(out, part) >= expected[part]
         if complete:
@@ -120,6 +133,8 @@ def finish_part(out: Location, part: int, rows: int) -> QueryPartStats:
     stats = QueryPartStats(part=part, rows=rows, queries_ok=ok, queries_failed=rows - ok, results=results.num_rows,
                            pairs_scored=sum(c["pairs_scored"] for c in chunks),
                            candidate_failures=sum(1 for s in failures.column("stage").to_pylist() if s == "candidate"),
-                           errors=dict(errors), retries=sum(c.get("retries", 0) for c in chunks))
+                           errors=dict(errors), retries=sum(c.get("retries", 0) for c in chunks),
+                           scorer_paths=dict(sum((Counter(c.get("scorer_paths", {})) for c in chunks), Counter())),
+                           **{f: sum(c.get(f, 0) for c in chunks) for f in SCORING_FIELDS})
     write_contract(out, stats, "stats", part_file(part, "json"))  # the part's done marker
     return stats

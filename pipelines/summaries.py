@@ -75,6 +75,46 @@ class QueryCounts(BaseModel):
     skipped: int
 
 
+class ScoringSummary(BaseModel):
+    """Which scoring path ran and what it cost, over the parts finished in this run (from their part stats)."""
+
+    backend: str  # transformers, vllm, or both joined by "+"; a classic scorer's name otherwise
+    paths: dict[str, int]  # "backend/path" -> prompts scored (a symmetric pair is two prompts)
+    images_encoded: int  # images processed and encoded (prefix reuse: once per image per actor call; vLLM: image
+    # slots sent to the engine, whose encoder cache may serve some of them)
+    visual_tokens_per_image: float | None = None  # per image slot of a prompt (the pixel budget's effect)
+    tokens_per_pair: float | None = None  # full prompt length
+    # Language-model tokens computed and served from a prefix cache, per prompt, over the paths that measure them
+    # (the ray.data.llm stage's rows carry no per-request cache counts: its prompts are left out of these two).
+    computed_tokens_per_pair: float | None = None
+    cached_tokens_per_pair: float | None = None
+    # The ray.data.llm stage's engines, this run: prompt tokens looked up in the prefix cache, and found there
+    # (counted by a vLLM stat-logger plugin, actors/vllm_prefix_stats.py; None where no engine reported).
+    engine_prefix_cache: dict[str, int] | None = None
+
+    @classmethod
+    def from_parts(cls, stats: list, engine_prefix_cache: dict | None = None) -> "ScoringSummary | None":
+        paths: dict[str, int] = {}
+        for s in stats:
+            for path, n in s.scorer_paths.items():
+                paths[path] = paths.get(path, 0) + n
+        prompts = sum(paths.values())
+        if not prompts:
+            return None
+        measured = sum(n for path, n in paths.items() if path not in UNMEASURED_CACHE_PATHS)
+        total = lambda field: sum(getattr(s, field) for s in stats)  # noqa: E731
+        per = lambda a, b: round(a / b, 2) if b else None  # noqa: E731
+        return cls(backend="+".join(sorted({p.split("/")[0] for p in paths})), paths=dict(sorted(paths.items())),
+                   images_encoded=total("images_encoded"), visual_tokens_per_image=per(total("visual_tokens"), 2 * prompts),
+                   tokens_per_pair=per(total("prompt_tokens"), prompts),
+                   computed_tokens_per_pair=per(total("computed_tokens"), measured),
+                   cached_tokens_per_pair=per(total("cached_tokens"), measured),
+                   engine_prefix_cache=engine_prefix_cache if (engine_prefix_cache or {}).get("reports") else None)
+
+
+UNMEASURED_CACHE_PATHS = {"vllm/ray_data_llm"}
+
+
 class RerankSummary(Summary):
     run_id: str
     index_version: str
@@ -92,6 +132,7 @@ class RerankSummary(Summary):
     output_uri: str
     startup_seconds: float | None = None
     storage_retries: StorageRetries = Field(default_factory=StorageRetries)
+    scoring: ScoringSummary | None = None  # None: kNN order only, or nothing scored in the parts finished now
 
 
 def _stages(stages: dict[str, float]) -> str:
@@ -138,4 +179,18 @@ def format_rerank(s: RerankSummary) -> str:
         f"candidate failures: {s.candidate_failures}",
         "  stages: " + _stages(s.stage_seconds) + f"; wall {s.wall_seconds:.1f}s",
     ]
-    return "\n".join(lines + _errors(s.errors) + _retries(s.storage_retries))
+    return "\n".join(lines + _scoring(s.scoring) + _errors(s.errors) + _retries(s.storage_retries))
+
+
+def _scoring(c: ScoringSummary | None) -> list[str]:
+    if c is None:
+        return []
+    paths = ", ".join(f"{p} {n}" for p, n in c.paths.items())
+    lm = "" if c.computed_tokens_per_pair is None else (
+        f", {c.computed_tokens_per_pair:g} computed" + (f", {c.cached_tokens_per_pair:g} from the prefix cache"
+                                                        if c.cached_tokens_per_pair else ""))
+    engine = c.engine_prefix_cache
+    cache = [] if not engine else [f"  vLLM prefix cache: {engine['hit_tokens']} of {engine['query_tokens']} prompt tokens "
+                                   f"served from cached blocks ({engine['hit_tokens'] / max(engine['query_tokens'], 1):.0%})"]
+    return [f"  scoring: {c.backend} ({paths} prompts); {c.visual_tokens_per_image or 0:g} visual tokens/image, "
+            f"{c.tokens_per_pair or 0:g} tokens/pair{lm}; {c.images_encoded} images encoded"] + cache

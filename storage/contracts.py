@@ -284,6 +284,13 @@ class QueryPartStats(Contract):
     candidate_failures: int = Field(ge=0)
     errors: dict[str, int] = Field(default_factory=dict)
     retries: int = Field(0, ge=0)  # storage retries the workers made for this part (decode, search, rerank actors)
+    # Scoring cost, raw counters summed over the part (the run summary derives per-image and per-pair figures):
+    scorer_paths: dict[str, int] = Field(default_factory=dict)  # "backend/path" -> prompts scored that way
+    images_encoded: int = Field(0, ge=0)  # images processed and encoded (prefix reuse: once per image per call)
+    visual_tokens: int = Field(0, ge=0)  # image tokens in the prompts (two image slots per prompt)
+    prompt_tokens: int = Field(0, ge=0)  # full prompt lengths
+    computed_tokens: int = Field(0, ge=0)  # tokens through the language model, where the path measures it
+    cached_tokens: int = Field(0, ge=0)  # prompt tokens served from a prefix cache, where the path measures it
 
 
 def read_contract(location, cls: type[Contract], *parts: str) -> Contract:

