@@ -148,8 +148,33 @@ def one_size(n: int, work: Path, per_tar: int, part_size: int) -> dict:
             wall = time.perf_counter() - t
         row[step] = {"seconds": round(wall, 2), "stages": summary.stage_seconds if hasattr(summary, "stage_seconds") else {},
                      "peak_rss": dict(rss.peaks), "published": getattr(summary, "published", True)}
+    row["rerank"] = rerank_step(work, index, per_tar)
     ray.shutdown()
     return row
+
+
+def rerank_step(work: Path, index: Path, per_tar: int, queries: int = 200) -> dict:
+    """The rerank job on the updated version: 200 queries (gallery images), top 20, re-scored by
+    RANSAC-verified SIFT (the cheapest re-ranker: this measures the job's memory, not a model)."""
+    from mllm_index.configs.schema import RerankJobConfig, load_config
+    from mllm_index.pipelines.rerank import run_rerank
+
+    folder = work / "queries"
+    folder.mkdir()
+    for i in range(queries):
+        (folder / f"q{i:05d}.png").write_bytes(_png(10 * per_tar + i))  # tars 0 and 1 were deleted by the -1% step
+    cfg = load_config(RerankJobConfig, None, {
+        "queries.uri": str(folder), "index_uri": str(index), "output_uri": str(work / "rerank"),
+        "reranker.model": "classic:sift-ransac", "search.top_k": 20, "reranker.depth": 20})
+    with PeakRss() as rss:
+        t = time.perf_counter()
+        summary = run_rerank(cfg)
+        wall = time.perf_counter() - t
+    return {"seconds": round(wall, 2), "stages": summary.stage_seconds, "peak_rss": dict(rss.peaks),
+            "published": True}
+
+
+STEPS = ("build", "unchanged", "+1%", "-1%", "rerank")
 
 
 def mb(x: int | None) -> str:
@@ -157,11 +182,11 @@ def mb(x: int | None) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    roles = sorted({r for row in rows for r in row["build"]["peak_rss"] if r != "driver"})
+    roles = sorted({r for row in rows for step in STEPS for r in row[step]["peak_rss"] if r != "driver"})
     print("\n| images | step | seconds | stages (s) | driver peak MB | " + " | ".join(f"{r} MB" for r in roles) + " |")
     print("| ---: | --- | ---: | --- | ---: | " + " | ".join("---:" for _ in roles) + " |")
     for row in rows:
-        for step in ("build", "unchanged", "+1%", "-1%"):
+        for step in STEPS:
             s = row[step]
             stages = ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items())
             print(f"| {row['images']:,} | {step} | {s['seconds']:.1f} | {stages} | {mb(s['peak_rss'].get('driver'))} | "
@@ -169,6 +194,10 @@ def print_table(rows: list[dict]) -> None:
     first, last = rows[0], rows[-1]
     drv = last["build"]["peak_rss"]["driver"] / first["build"]["peak_rss"]["driver"]
     print(f"\ndriver peak, {last['images']:,} vs {first['images']:,} images: {drv:.2f}x (goal < 1.5x)")
+    for role in ["driver", *roles]:
+        a, b = first["rerank"]["peak_rss"].get(role), last["rerank"]["peak_rss"].get(role)
+        if a and b:
+            print(f"rerank job, {role} peak, {last['images']:,} vs {first['images']:,}: {b / a:.2f}x (goal < 1.5x)")
     mid = next((r for r in rows if r["images"] >= 400_000), None)
     if mid is not None and mid is not last:
         for step in ("+1%", "-1%"):
