@@ -183,14 +183,26 @@ def mb(x: int | None) -> str:
 
 def print_table(rows: list[dict]) -> None:
     roles = sorted({r for row in rows for step in STEPS for r in row[step]["peak_rss"] if r != "driver"})
-    print("\n| images | step | seconds | stages (s) | driver peak MB | " + " | ".join(f"{r} MB" for r in roles) + " |")
-    print("| ---: | --- | ---: | --- | ---: | " + " | ".join("---:" for _ in roles) + " |")
+    print("\n| images | step | seconds | stages (s) | driver peak MB | worst worker peak MB |")
+    print("| ---: | --- | ---: | --- | ---: | ---: |")
     for row in rows:
         for step in STEPS:
             s = row[step]
             stages = ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items())
+            workers = max((v for k, v in s["peak_rss"].items() if k != "driver"), default=0)
             print(f"| {row['images']:,} | {step} | {s['seconds']:.1f} | {stages} | {mb(s['peak_rss'].get('driver'))} | "
-                  + " | ".join(mb(s["peak_rss"].get(r)) for r in roles) + " |")
+                  f"{mb(workers)} |")
+    # Per process type: the highest peak over the build and the updates, and in the rerank job (a worker process
+    # is named by the Ray task or actor it ran when sampled).
+    print("\n| process (Ray task / actor) | " + " | ".join(f"{row['images']:,}: index+update MB | rerank MB" for row in rows)
+          + " |")
+    print("| --- | " + " | ".join("---: | ---:" for _ in rows) + " |")
+    for role in ["driver", *roles]:
+        cells = []
+        for row in rows:
+            build = max((row[step]["peak_rss"].get(role, 0) for step in STEPS[:-1]), default=0)
+            cells += [mb(build), mb(row["rerank"]["peak_rss"].get(role))]
+        print(f"| {role} | " + " | ".join(cells) + " |")
     first, last = rows[0], rows[-1]
     drv = last["build"]["peak_rss"]["driver"] / first["build"]["peak_rss"]["driver"]
     print(f"\ndriver peak, {last['images']:,} vs {first['images']:,} images: {drv:.2f}x (goal < 1.5x)")
@@ -229,6 +241,7 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{n:,} images done: build {rows[-1]['build']['seconds']} s", flush=True)
         subprocess.run(["rm", "-rf", str(Path(args.workdir) / str(n))], check=True)
+        (Path(args.workdir) / "rows.json").write_text(json.dumps(rows))  # raw numbers, kept with the table
     print_table(rows)
 
 
