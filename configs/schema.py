@@ -74,7 +74,7 @@ class IndexConfig(Section):
     shard_size: int = Field(1_000_000, gt=0)  # vectors per shard file
     train_sample_max: int = Field(1_000_000, gt=0)
     nprobe: int = Field(32, gt=0)  # default for searches, recorded in the manifest
-    rescore: int = Field(200, ge=0)  # default exact re-score shortlist for searches
+    rescore: int = Field(400, ge=0)  # default exact re-score shortlist: 4x the rerank default top_k 100 (benchmarks/scale_search.py)
     use_gpu: bool = True  # train/add with faiss-gpu when the node has GPUs
     keep_versions: int | None = Field(None, gt=0)  # after a publish, delete older versions beyond this many (never
     # the live one, nor one a reader holds a lease on); None keeps every version
