@@ -36,7 +36,7 @@ from mllm_index.storage.key_index import (CONTAINER_SCHEMA, KEY_SCHEMA, NEXT_SCH
                                           diff_bucket, drop_failed, key_bucket, refs_by_bucket, write_checksummed,
                                           write_key_bucket)
 from mllm_index.storage.shard_store import part_file
-from mllm_index.storage.sources import SourceSpec, classify, scan_container, source_info
+from mllm_index.storage.sources import SourceSpec, classify, classify_all, scan_container, source_info
 from mllm_index.storage.retry import with_retries
 from mllm_index.storage.uris import Location, parquet_bytes, redact, redact_text
 
@@ -57,7 +57,7 @@ def _entries_table(rows: list[dict], source_uri: str) -> pa.Table:
 def _list_dirs(spec: SourceSpec, dest: Location, name: str, dirs: list[str]) -> dict:
     """One listing task: the files directly in `dirs`; loose images go to listing/entries/`name`."""
     loc = spec.location()
-    rows, subdirs, containers, skipped = [], [], [], Counter()
+    subdirs, listed = [], []
     for folder in dirs:
         def ls(folder=folder) -> list[dict]:
             loc.fs.invalidate_cache(folder)
@@ -69,14 +69,9 @@ def _list_dirs(spec: SourceSpec, dest: Location, name: str, dirs: list[str]) -> 
                 continue  # an object store's folder marker
             if info.get("type") == "directory":
                 subdirs.append(path)
-                continue
-            what, item = classify(loc, spec, path, info, True)
-            if what == "skip":
-                skipped[item] += 1
-            elif what == "file":
-                rows.append(item)
             else:
-                containers.append(item)
+                listed.append((path, info))
+    rows, containers, skipped = classify_all(loc, spec, listed, True)
     if rows:
         dest.write_parquet(_entries_table(rows, loc.uri), SCRATCH, "entries", name)
     return {"file": name if rows else None, "rows": len(rows), "dirs": subdirs, "containers": containers, "skipped": skipped}

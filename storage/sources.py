@@ -102,6 +102,20 @@ def classify(loc: Location, spec: SourceSpec, path: str, info: dict, is_dir: boo
     return "container", (uri, kind, _etag(info), int(info.get("size") or 0))
 
 
+def classify_all(loc: Location, spec: SourceSpec, listed, is_dir: bool) -> tuple[list[dict], list[tuple], Counter]:
+    """(loose image entries, containers, skipped by extension) of listed (path, info) files, in their order."""
+    files, containers, skipped = [], [], Counter()
+    for path, info in listed:
+        what, item = classify(loc, spec, path, info, is_dir)
+        if what == "skip":
+            skipped[item] += 1
+        elif what == "file":
+            files.append(item)
+        else:
+            containers.append(item)
+    return files, containers, skipped
+
+
 def source_info(loc: Location) -> dict:
     """The source root's info (retried): a folder, or a single file."""
     def info() -> dict:
@@ -120,19 +134,9 @@ def list_source(spec: SourceSpec) -> Listing:
     A gallery is listed by `pipelines.listing`, in parallel Ray tasks, with the same `classify`."""
     loc = spec.location()
     found, is_dir = with_retries(lambda: _walk(loc), f"list {redact(loc.uri)}", loc.retry)
-    files, containers, skipped = [], [], Counter()
-    for path in sorted(found):
-        info = found[path]
-        if info.get("type") == "directory":
-            continue
-        what, item = classify(loc, spec, path, info, is_dir)
-        if what == "skip":
-            skipped[item] += 1
-        elif what == "file":
-            files.append(item)
-        else:
-            containers.append(item[:3])
-    return Listing(files, containers, skipped)
+    listed = ((path, found[path]) for path in sorted(found) if found[path].get("type") != "directory")
+    files, containers, skipped = classify_all(loc, spec, listed, is_dir)
+    return Listing(files, [c[:3] for c in containers], skipped)
 
 
 def scan_tar(uri: str, etag: str, spec: SourceSpec) -> tuple[list[dict], Counter]:
