@@ -43,7 +43,7 @@ def _item(ref: FileRef, shards: dict[int, ShardRef] | None) -> dict:
 
 
 def _read_parts(batch: dict[str, np.ndarray], *, index: Location, buckets: int) -> pa.Table:
-    tables = []
+    tables, held = [], (None, None)  # the last shard's tombstones: a batch's parts mostly share their shard
     for j, (path, size, sha) in enumerate(zip(batch["path"], batch["bytes"], batch["sha256"])):
         ref = _ref(path, size, sha)
         table = read_verified_parquet(index, ref, columns=COLUMNS)
@@ -52,7 +52,9 @@ def _read_parts(batch: dict[str, np.ndarray], *, index: Location, buckets: int) 
                                  "version")
         tomb = _ref(batch["tomb_path"][j], batch["tomb_bytes"][j], batch["tomb_sha256"][j])
         if tomb is not None:  # this part's shard has tombstones: drop the part's dead rows
-            keep = live_mask(table.column("image_id").to_numpy(), int(batch["part"][j]), read_tombstone_file(index, tomb))
+            if held[0] != tomb:
+                held = (tomb, read_tombstone_file(index, tomb))
+            keep = live_mask(table.column("image_id").to_numpy(), int(batch["part"][j]), held[1])
             table = table.filter(pa.array(keep))
         tables.append(table.append_column("bucket", pa.array(bucket_of(table.column("image_id").to_numpy(), buckets))))
     return pa.concat_tables(tables)

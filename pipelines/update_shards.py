@@ -26,7 +26,7 @@ from mllm_index.storage.faiss_store import stored_ids
 from mllm_index.storage.integrity import load_faiss_verified, read_verified_parquet
 from mllm_index.storage.shard_store import part_file, shard_file
 from mllm_index.storage.shard_vectors import load_ids
-from mllm_index.storage.tombstones import (TOMBSTONE_SCHEMA, live_mask, normalise, read_tombstones, tombstoned_ids,
+from mllm_index.storage.tombstones import (TOMBSTONE_SCHEMA, is_in, live_mask, normalise, read_tombstones, tombstoned_ids,
                                            write_tombstones)
 from mllm_index.storage.uris import Location
 
@@ -78,9 +78,7 @@ def _merge_tombstones(index: Location, version_name: str, shard: ShardRef, scrat
     new = pa.concat_tables([folder.read_parquet(n).cast(TOMBSTONE_SCHEMA) for n in folder.list_names()
                             if n.endswith(".parquet")])
     stored = _stored(index, shard)
-    ids = new.column("image_id").to_numpy()
-    pos = np.clip(np.searchsorted(stored, ids), 0, max(0, len(stored) - 1))
-    vector = (stored[pos] == ids) if len(stored) else np.zeros(len(ids), bool)
+    vector = is_in(new.column("image_id").to_numpy(), stored)
     table = normalise(pa.concat_tables([read_tombstones(index, shard), new.filter(pa.array(vector))]))
     ref = write_tombstones(index, version_file(version_name, "tombstones", shard_file(shard.shard, "parquet")), table)
     return shard.model_copy(update={"tombstones": ref, "tombstoned": int(len(tombstoned_ids(table)))})

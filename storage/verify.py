@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from mllm_index.storage.contracts import FileRef, Manifest, ShardRef
 from mllm_index.storage.integrity import IntegrityError, read_verified, where
 from mllm_index.storage.shard_vectors import load_ids
-from mllm_index.storage.tombstones import read_tombstone_file
+from mllm_index.storage.tombstones import is_in, read_tombstone_file
 from mllm_index.storage.uris import Location, redact
 from mllm_index.storage.versions import is_published, list_versions, read_latest, read_manifest
 
@@ -68,9 +68,7 @@ def _check_tombstones(index: Location, shard: ShardRef) -> tuple[int, int]:
         raise IntegrityError(f"{at}: tombstones in part(s) {stray[:5]}, which shard {shard.shard} was not built from")
     read = shard.tombstones.bytes or 0
     if shard.ids is not None and len(ids):
-        held = load_ids(index, shard.ids)
-        pos = np.clip(np.searchsorted(held, ids), 0, len(held) - 1)
-        unknown = ids[held[pos] != ids] if len(held) else ids
+        unknown = ids[~is_in(ids, load_ids(index, shard.ids))]
         if len(unknown):
             raise IntegrityError(f"{at}: {len(unknown)} tombstoned id(s) not in the shard (e.g. {int(unknown[0])}): "
                                  "their stale vectors elsewhere would still be searched")
