@@ -38,6 +38,7 @@ from mllm_index.storage.key_index import (CONTAINER_SCHEMA, KEY_SCHEMA, NEXT_SCH
 from mllm_index.storage.shard_store import part_file
 from mllm_index.storage.sources import SourceSpec, classify, classify_all, scan_container, source_info
 from mllm_index.storage.retry import with_retries
+from mllm_index.storage.tombstones import part_number
 from mllm_index.storage.uris import Location, parquet_bytes, redact, redact_text
 
 SCRATCH = "listing"
@@ -217,10 +218,6 @@ def _run_all(calls: Iterable[Callable[[], ray.ObjectRef]]) -> list:
     return [results[i] for i in range(len(results))]
 
 
-def _part_number(ref: FileRef) -> int:
-    return int(ref.name[len("part-"):].split(".")[0])
-
-
 def _name(prefix: str, text: str) -> str:
     return f"{prefix}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:20]}.parquet"
 
@@ -354,10 +351,10 @@ def _plan(dest: Location, spec: SourceSpec, part_size: int, ref_prefix: str, buc
     failed_containers: set[str] = set()
     if live is not None and not buckets:
         buckets = max(1, math.ceil(live.counts.seen / limit))
-        refs = [(r.model_dump(), _part_number(r)) for r in live.catalog]
+        refs = [(r.model_dump(), part_number(r)) for r in live.catalog]
         _shuffle(dest, index, "catalog", refs, [part_size] * len(refs), buckets, "live", limit)
     elif live is not None:
-        refs = [(r.model_dump(), _part_number(r)) for r in live.failures if r.name.startswith("part-")]
+        refs = [(r.model_dump(), part_number(r)) for r in live.failures if r.name.startswith("part-")]
         failed_containers = _shuffle(dest, index, "failed", refs, [part_size] * len(refs), buckets, "failed", limit,
                                      set(live_table))
     unchanged = {c[0] for c in containers if c[0] not in failed_containers and c[0] in live_table

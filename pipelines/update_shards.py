@@ -12,7 +12,6 @@ and the shard is rebuilt from them, without tombstones.
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -26,11 +25,10 @@ from mllm_index.storage.faiss_store import stored_ids
 from mllm_index.storage.integrity import load_faiss_verified, read_verified_parquet
 from mllm_index.storage.shard_store import part_file, shard_file
 from mllm_index.storage.shard_vectors import load_ids
-from mllm_index.storage.tombstones import (TOMBSTONE_SCHEMA, is_in, live_mask, normalise, read_tombstones, tombstoned_ids,
-                                           write_tombstones)
+from mllm_index.storage.tombstones import (PART_NAME, TOMBSTONE_SCHEMA, is_in, live_mask, normalise, read_tombstones,
+                                           tombstoned_ids, write_tombstones)
 from mllm_index.storage.uris import Location
 
-PART_NAME = re.compile(r"^part-(\d+)\.parquet$")
 KINDS = ("embeddings", "catalog", "failures")
 PartFiles = dict[str, FileRef]  # kind -> file
 
@@ -40,7 +38,7 @@ def part_files(manifest: Manifest) -> dict[int, PartFiles]:
     out: dict[int, PartFiles] = defaultdict(dict)
     for kind in KINDS:
         for ref in getattr(manifest, kind):
-            m = PART_NAME.match(ref.name)
+            m = PART_NAME.match(ref.name)  # the failures listing file is not a part
             if m:
                 out[int(m.group(1))][kind] = ref
     return dict(out)
@@ -91,7 +89,7 @@ def merge_tombstones(index: Location, version_name: str, shards: list[ShardRef],
         return list(shards)
     scratch = version_file(version_name, "tombstones", "split")
     index.delete(scratch)  # a re-run splits again from the same removed files
-    shard_of = {p: s.shard for s in shards for p in s.parts}
+    shard_of = ray.put({p: s.shard for s in shards for p in s.parts})  # O(parts): stored once, not per task
     split = ray.remote(num_cpus=0.5)(_split_removed)
     hit: dict[int, int] = defaultdict(int)
     for counts in ray.get([split.remote(index, ref, shard_of, scratch, i) for i, ref in enumerate(removed)]):

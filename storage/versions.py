@@ -93,11 +93,6 @@ def publish(index: Location, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def is_retired(index: Location, version: str) -> bool:
-    """A deleted version whose folder still holds files that kept versions reference."""
-    return index.exists("versions", version, RETIRED) and not is_published(index, version)
-
-
 def version_table(index: Location) -> list[dict]:
     """One row per version folder: published or not, live or not, retired (deleted, files still
     referenced by later versions) or in progress, counts and times."""
@@ -158,7 +153,7 @@ def collect_garbage(index: Location, keep: int, protected: set[str] = frozenset(
             index.delete("versions", name, MANIFEST)
         if _delete_unreferenced(index, name, referenced):
             retired.append(name)
-        if r["published"] or not r["retired"] or name not in retired:
+        if not (r["retired"] and name in retired):  # a folder retired before and still needed is not news
             deleted.append(name)
     return {"deleted": deleted, "retired": retired, "kept": kept}
 
