@@ -31,7 +31,7 @@ import ray
 from mllm_index.pipelines.parts import PLAN, read_plan
 from mllm_index.storage.catalog import ENTRY_SCHEMA, FAILURE_SCHEMA, image_ids
 from mllm_index.storage.contracts import FileRef, Manifest, Plan, UpdateCounts, write_contract
-from mllm_index.storage.integrity import digest, read_verified_parquet
+from mllm_index.storage.integrity import read_verified_parquet
 from mllm_index.storage.key_index import (CONTAINER_SCHEMA, KEY_SCHEMA, NEXT_SCHEMA, bucket_file, bucket_of, containers_table,
                                           diff_bucket, drop_failed, key_bucket, refs_by_bucket, write_checksummed,
                                           write_key_bucket)
@@ -39,7 +39,7 @@ from mllm_index.storage.shard_store import part_file
 from mllm_index.storage.sources import SourceSpec, classify, classify_all, scan_container, source_info
 from mllm_index.storage.retry import with_retries
 from mllm_index.storage.tombstones import part_number
-from mllm_index.storage.uris import Location, parquet_bytes, redact, redact_text
+from mllm_index.storage.uris import Location, redact, redact_text
 
 SCRATCH = "listing"
 DIRS_PER_TASK = 16  # directories one listing task lists (a deep tree of small folders: fewer, larger tasks)
@@ -188,9 +188,8 @@ def _cut_rows(dest: Location, ref_prefix: str, bucket: int, rows: pa.Table, firs
 
 
 def _write_failures(dest: Location, ref_prefix: str, tables: list[pa.Table]) -> dict:
-    data = parquet_bytes(pa.concat_tables([t.cast(FAILURE_SCHEMA) for t in tables]))
-    dest.write_bytes(data, "failures", "listing.parquet")
-    return digest(f"{ref_prefix}/failures/listing.parquet", data).model_dump()
+    table = pa.concat_tables([t.cast(FAILURE_SCHEMA) for t in tables])
+    return write_checksummed(dest, ref_prefix, table, "failures", "listing.parquet").model_dump()
 
 
 def _merge_failures(dest: Location, ref_prefix: str, scan_failures: list[dict]) -> dict:
