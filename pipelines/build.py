@@ -244,7 +244,9 @@ def publish_version(build: VersionBuild, plan: Plan, embedded: Embedded, content
         trained=trained.file, shards=shards, embeddings=part_refs(build.name, parts, order, "embeddings"),
         catalog=part_refs(build.name, parts, order, "catalog"),
         failures=[listing_failures(build, plan)] + part_refs(build.name, parts, order, "failures"),
-        update=content.update, key_buckets=plan.key_buckets, keys=plan.keys, containers=plan.containers,
+        update=content.update, key_buckets=plan.key_buckets, keys=plan.keys, key_removed=plan.key_removed,
+        containers=plan.containers, loose_keys=plan.loose_keys,
+        failed_parts=sorted(p for p, s in parts.items() if s.failed),  # the next update reads only their failures
     )
     return publish_manifest(build, manifest, summary)
 

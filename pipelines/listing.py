@@ -2,12 +2,15 @@
 
 No process holds the gallery's entries. Ray tasks list loose files directory by directory and scan
 tar / Parquet containers; each writes its entries to a listing file under the version's `listing/`
-scratch folder and sends back only counts, sub-directory names and the containers it found. Then a
-file shuffle by key hash: tasks read groups of listing files and split their rows into one folder per
-key bucket; one task per bucket finds the bucket's duplicate keys (the first in (uri, offset) order is
-kept, as `assign_ids` does for a whole listing; every row of a key is in one bucket) and, for an
-update, diffs the bucket against the live key index; a last task per bucket cuts the bucket's
-planned rows into `plan/part-NNNNN.parquet` and writes the version's `keys/bucket-BBBBB.parquet`.
+scratch folder and sends back only counts, sub-directory names, the containers it found and their
+key ranges. Then a file shuffle by key hash: tasks read groups of listing files and split their rows
+into one folder per key bucket; one task per bucket finds the bucket's duplicate keys (the first in
+(uri, offset) order is kept, as `assign_ids` does for a whole listing; every row of a key is in one
+bucket) and, for an update, diffs the bucket against the live key index; a last task per bucket cuts
+the bucket's planned rows into `plan/part-NNNNN.parquet` and writes the bucket's key file
+(pipelines.key_diff). An update of a gallery of containers reads and writes only what changed: the
+key row groups a changed container or a listed key touches, a delta key file and a removed file per
+bucket (storage.key_runs).
 
 The driver holds the container list, listing-file names and per-bucket counts: O(containers +
 buckets + parts). A task holds one directory level, one container, or one bucket (about
@@ -22,30 +25,25 @@ import json
 import math
 import time
 from collections import Counter, deque
-from typing import Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 import ray
 
+from mllm_index.pipelines.key_diff import FAILED_SCHEMA, IN_FLIGHT, SCRATCH, DiffContext, diff_buckets, remote, run_all
 from mllm_index.pipelines.parts import PLAN, read_plan
-from mllm_index.storage.catalog import ENTRY_SCHEMA, FAILURE_SCHEMA, image_ids
+from mllm_index.storage.catalog import ENTRY_SCHEMA, image_ids
 from mllm_index.storage.contracts import FileRef, Manifest, Plan, UpdateCounts, write_contract
 from mllm_index.storage.integrity import read_verified_parquet
-from mllm_index.storage.key_index import (CONTAINER_SCHEMA, KEY_SCHEMA, NEXT_SCHEMA, bucket_file, bucket_of, containers_table,
-                                          diff_bucket, drop_failed, key_bucket, refs_by_bucket, write_checksummed,
-                                          write_key_bucket)
-from mllm_index.storage.shard_store import part_file
+from mllm_index.storage.key_index import (CONTAINER_SCHEMA, KEY_SCHEMA, bucket_file, bucket_of, containers_table, key_bucket,
+                                          write_checksummed)
+from mllm_index.storage.key_runs import KeyLayout, runs_by_bucket
 from mllm_index.storage.sources import SourceSpec, classify, classify_all, scan_container, source_info
 from mllm_index.storage.retry import with_retries
 from mllm_index.storage.tombstones import part_number
 from mllm_index.storage.uris import Location, redact, redact_text
 
-SCRATCH = "listing"
 DIRS_PER_TASK = 16  # directories one listing task lists (a deep tree of small folders: fewer, larger tasks)
-IN_FLIGHT = 256  # tasks submitted and not yet finished, so that the driver's queue stays small
-TASK_CPUS = 0.5
-FAILED_SCHEMA = pa.schema([("key", pa.string()), ("image_id", pa.int64()), ("part", pa.int32())])
 
 
 # -- tasks --------------------------------------------------------------------------------------------
@@ -88,7 +86,9 @@ def _scan(spec: SourceSpec, dest: Location, name: str, uri: str, kind: str, etag
         return {"file": None, "rows": 0, "skipped": Counter(), "failure": row}
     if found:
         dest.write_parquet(_entries_table(found, spec.location().uri), SCRATCH, "entries", name)
-    return {"file": name if found else None, "rows": len(found), "skipped": skipped, "failure": None}
+    keys = [e["key"] for e in found]
+    return {"file": name if found else None, "rows": len(found), "skipped": skipped, "failure": None,
+            "min_key": min(keys, default=None), "max_key": max(keys, default=None)}
 
 
 def _read_source(dest: Location, index: Location | None, mode: str, item, containers: set[str]) -> tuple[pa.Table, set[str]]:
@@ -125,98 +125,7 @@ def _scatter(dest: Location, index: Location | None, mode: str, items: list, buc
     return sorted(touched)
 
 
-def _read_bucket(dest: Location, folder: str, bucket: int, schema: pa.Schema) -> pa.Table:
-    names = [n for n in dest.list_names(SCRATCH, folder, bucket_file(bucket)[:-8]) if n.endswith(".parquet")]
-    tables = [dest.read_parquet(SCRATCH, folder, bucket_file(bucket)[:-8], n).cast(schema) for n in names]
-    return pa.concat_tables(tables) if tables else schema.empty_table()
-
-
-def _diff(dest: Location, index: Location | None, ref_prefix: str, bucket: int, live_ref: dict | None, live_scratch: bool,
-          unchanged: set[str], direct: dict | None = None) -> dict:
-    """One bucket: duplicates found, diffed against the live key rows (none for a first build), next rows saved.
-
-    `direct` (a gallery of one bucket): read the listing files themselves (no shuffle), then cut the parts
-    from `first_part` and write failures/listing.parquet in this same task: one task instead of four waves.
-    """
-    if direct is not None:
-        tables = [dest.read_parquet(SCRATCH, "entries", name).cast(ENTRY_SCHEMA) for name in direct["files"]]
-        listed = pa.concat_tables(tables) if tables else ENTRY_SCHEMA.empty_table()
-    else:
-        listed = _read_bucket(dest, "buckets", bucket, ENTRY_SCHEMA)
-    if live_ref:
-        live = read_verified_parquet(index, FileRef.model_validate(live_ref)).cast(KEY_SCHEMA)
-    else:
-        live = _read_bucket(dest, "live", bucket, KEY_SCHEMA) if live_scratch else KEY_SCHEMA.empty_table()
-    before = live.num_rows
-    live = drop_failed(live, _read_bucket(dest, "failed", bucket, FAILED_SCHEMA))
-    next_rows, removed, failures, counts = diff_bucket(listed, live, unchanged)
-    rewrite = not live_ref or before > live.num_rows or bool(counts["added"] or counts["changed"] or counts["deleted"])
-    counts["rewrite"] = bool(rewrite and next_rows.num_rows)
-    counts["keep_live"] = not rewrite  # the live bucket file is this version's too: referenced, not rewritten
-    counts["todo"] = counts["added"] + counts["changed"]
-    if removed.num_rows:
-        counts["removed"] = write_checksummed(dest, ref_prefix, removed, "removed", bucket_file(bucket)).model_dump()
-    if direct is not None:
-        if counts["rewrite"]:
-            counts["cut"] = _cut_rows(dest, ref_prefix, bucket, next_rows, direct["first_part"], direct["part_size"])
-        counts["listing"] = _write_failures(dest, ref_prefix, [pa.Table.from_pylist(direct["scan_failures"],
-                                                                                    schema=FAILURE_SCHEMA), failures])
-        return counts
-    if failures.num_rows:
-        dest.write_parquet(failures, SCRATCH, "failures", bucket_file(bucket))
-    if counts["rewrite"]:
-        dest.write_parquet(next_rows, SCRATCH, "next", bucket_file(bucket))
-    return counts
-
-
-def _cut(dest: Location, ref_prefix: str, bucket: int, first_part: int, part_size: int) -> dict:
-    return _cut_rows(dest, ref_prefix, bucket, dest.read_parquet(SCRATCH, "next", bucket_file(bucket)), first_part, part_size)
-
-
-def _cut_rows(dest: Location, ref_prefix: str, bucket: int, rows: pa.Table, first_part: int, part_size: int) -> dict:
-    """One bucket's planned rows as parts first_part.. (in (uri, offset) order), and its key-index file."""
-    rows = rows.cast(NEXT_SCHEMA)
-    planned = np.asarray(rows.column("part").to_numpy()) == -1
-    todo = rows.filter(pa.array(planned)).sort_by([("uri", "ascending"), ("offset", "ascending")])
-    parts = (first_part + np.arange(todo.num_rows) // part_size).astype(np.int32)
-    todo = todo.set_column(todo.schema.get_field_index("part"), "part", pa.array(parts, pa.int32()))
-    n_parts = -(-todo.num_rows // part_size)
-    for i in range(n_parts):
-        dest.write_parquet(todo.slice(i * part_size, part_size), "plan", part_file(first_part + i))
-    keys = pa.concat_tables([rows.filter(pa.array(~planned)), todo])
-    return {"keys": write_key_bucket(dest, ref_prefix, bucket, keys).model_dump(), "parts": n_parts}
-
-
-def _write_failures(dest: Location, ref_prefix: str, tables: list[pa.Table]) -> dict:
-    table = pa.concat_tables([t.cast(FAILURE_SCHEMA) for t in tables])
-    return write_checksummed(dest, ref_prefix, table, "failures", "listing.parquet").model_dump()
-
-
-def _merge_failures(dest: Location, ref_prefix: str, scan_failures: list[dict]) -> dict:
-    """failures/listing.parquet: unreadable containers, then every bucket's duplicate keys."""
-    tables = [pa.Table.from_pylist(scan_failures, schema=FAILURE_SCHEMA)]
-    tables += [dest.read_parquet(SCRATCH, "failures", n) for n in dest.list_names(SCRATCH, "failures") if n.endswith(".parquet")]
-    return _write_failures(dest, ref_prefix, tables)
-
-
 # -- driver ---------------------------------------------------------------------------------------------
-def _remote(fn: Callable):
-    return ray.remote(num_cpus=TASK_CPUS, max_retries=3)(fn)
-
-
-def _run_all(calls: Iterable[Callable[[], ray.ObjectRef]]) -> list:
-    """Results of every call, in order, with at most IN_FLIGHT tasks submitted at a time."""
-    results, inflight = {}, {}
-    for i, call in enumerate(calls):
-        if len(inflight) >= IN_FLIGHT:
-            done, _ = ray.wait(list(inflight), num_returns=1)
-            results[inflight.pop(done[0])] = ray.get(done[0])
-        inflight[call()] = i
-    for ref, i in inflight.items():
-        results[i] = ray.get(ref)
-    return [results[i] for i in range(len(results))]
-
-
 def _name(prefix: str, text: str) -> str:
     return f"{prefix}-{hashlib.sha1(text.encode('utf-8')).hexdigest()[:20]}.parquet"
 
@@ -231,7 +140,7 @@ def _walk(dest: Location, spec: SourceSpec) -> tuple[list[tuple[str, int]], list
             dest.write_parquet(_entries_table([item], loc.uri), SCRATCH, "entries", "single.parquet")
         return ([("single.parquet", 1)] if what == "file" else [], [item] if what == "container" else [],
                 Counter([item] if what == "skip" else []))
-    task = _remote(_list_dirs)
+    task = remote(_list_dirs)
     files, containers, skipped = [], [], Counter()
     pending, inflight = deque([loc.root]), {}
     while pending or inflight:
@@ -264,46 +173,20 @@ def _groups(items: list, sizes: list[int], limit: int) -> list[list]:
 
 def _shuffle(dest: Location, index: Location | None, mode: str, items: list, sizes: list[int], buckets: int,
              folder: str, limit: int, containers: set[str] = frozenset()) -> set[str]:
-    task = _remote(_scatter)
+    task = remote(_scatter)
     known = ray.put(set(containers))
     groups = _groups(items, sizes, limit)
-    touched = _run_all(lambda g=g, i=i: task.remote(dest, index, mode, g, buckets, folder, i, known) for i, g in enumerate(groups))
+    touched = run_all(lambda g=g, i=i: task.remote(dest, index, mode, g, buckets, folder, i, known) for i, g in enumerate(groups))
     return {u for t in touched for u in t}
-
-
-def _buckets(dest: Location, index: Location | None, ref_prefix: str, buckets: int, first_part: int, part_size: int,
-             live_keys: dict[int, FileRef], live_scratch: bool, unchanged: set[str], files: list[str],
-             scan_failures: list[dict]) -> tuple[list[dict], list[FileRef], int, FileRef]:
-    """Per-bucket diffs, then parts numbered from `first_part` bucket by bucket: (diffs, key refs, parts, listing failures)."""
-    diff, cut = _remote(_diff), _remote(_cut)
-    kept = ray.put(set(unchanged))
-    live_json = {b: r.model_dump() for b, r in live_keys.items()}
-    if buckets == 1:  # no shuffle: one task lists, diffs and cuts
-        direct = {"files": files, "first_part": first_part, "part_size": part_size, "scan_failures": scan_failures}
-        diffs = [ray.get(diff.remote(dest, index, ref_prefix, 0, live_json.get(0), live_scratch, kept, direct))]
-        cuts = {0: diffs[0]["cut"]} if diffs[0]["rewrite"] else {}
-        listing = diffs[0]["listing"]
-    else:
-        diffs = _run_all(lambda b=b: diff.remote(dest, index, ref_prefix, b, live_json.get(b), live_scratch, kept)
-                         for b in range(buckets))
-        merged = _remote(_merge_failures).remote(dest, ref_prefix, scan_failures)  # runs beside the cuts
-        starts = first_part + np.concatenate([[0], np.cumsum([-(-d["todo"] // part_size) for d in diffs])])
-        rewritten = [b for b, d in enumerate(diffs) if d["rewrite"]]
-        cuts = dict(zip(rewritten, _run_all(lambda b=b: cut.remote(dest, ref_prefix, b, int(starts[b]), part_size)
-                                            for b in rewritten)))
-        listing = ray.get(merged)
-    keys = [FileRef.model_validate(cuts[b]["keys"]) if b in cuts else live_keys[b]
-            for b in range(buckets) if b in cuts or (b in live_keys and diffs[b]["keep_live"])]
-    return diffs, keys, sum(c["parts"] for c in cuts.values()), FileRef.model_validate(listing)
 
 
 def _scan_all(dest: Location, spec: SourceSpec, containers: list[tuple]) -> tuple[list[tuple[str, int]], list[dict], Counter, list[dict]]:
     """(listing files, containers table rows, skipped, failures) of the containers, scanned in tasks."""
-    task = _remote(_scan)
-    found = _run_all(lambda c=c: task.remote(spec, dest, _name("c", c[0]), c[0], c[1], c[2]) for c in containers)
+    task = remote(_scan)
+    found = run_all(lambda c=c: task.remote(spec, dest, _name("c", c[0]), c[0], c[1], c[2]) for c in containers)
     files = [(f["file"], f["rows"]) for f in found if f["file"]]
-    rows = [dict(uri=c[0], kind=c[1], etag=c[2], size=c[3], entries=f["rows"], skipped=f["skipped"])
-            for c, f in zip(containers, found) if f["failure"] is None]
+    rows = [dict(uri=c[0], kind=c[1], etag=c[2], size=c[3], entries=f["rows"], skipped=f["skipped"], min_key=f["min_key"],
+                 max_key=f["max_key"]) for c, f in zip(containers, found) if f["failure"] is None]
     skipped = sum((Counter(f["skipped"]) for f in found), Counter())
     return files, rows, skipped, [f["failure"] for f in found if f["failure"]]
 
@@ -315,28 +198,47 @@ def _finish(dest: Location, plan: Plan, record: dict) -> Plan:
     return plan
 
 
-def make_index_plan(dest: Location, spec: SourceSpec, part_size: int, ref_prefix: str, bucket_rows: int) -> Plan:
+def make_index_plan(dest: Location, spec: SourceSpec, part_size: int, ref_prefix: str, bucket_rows: int,
+                    layout: KeyLayout = KeyLayout()) -> Plan:
     """List the source in Ray tasks and cut it into parts; the version's key index and container table.
 
     `dest` is the version folder (index/`ref_prefix`). The number of key buckets is fixed here for the
     lineage: max(1, ceil(entries listed / bucket_rows)).
     """
-    return read_plan(dest) or _plan(dest, spec, part_size, ref_prefix, bucket_rows, None, None)
+    return read_plan(dest) or _plan(dest, spec, part_size, ref_prefix, bucket_rows, None, None, layout)
 
 
 def make_update_plan(dest: Location, spec: SourceSpec, part_size: int, ref_prefix: str, index: Location, live: Manifest,
-                     bucket_rows: int) -> Plan:
+                     bucket_rows: int, layout: KeyLayout = KeyLayout()) -> Plan:
     """The nightly diff against the live version, bucket by bucket; parts numbered from `live.next_part`.
 
     Containers whose (uri, etag, size) equal a row of the live container table are not opened (unless
     an image of theirs failed last time: it is retried). A live version without key index (format 1/2)
     gets one built from its catalog parts, in tasks.
     """
-    return read_plan(dest) or _plan(dest, spec, part_size, ref_prefix, bucket_rows, index, live)
+    return read_plan(dest) or _plan(dest, spec, part_size, ref_prefix, bucket_rows, index, live, layout)
+
+
+def _diff_context(dest: Location, index: Location | None, ref_prefix: str, live: Manifest | None, live_table: dict,
+                  unchanged: set[str], loose: int, layout: KeyLayout) -> DiffContext:
+    """Whether this run can diff by deltas (storage.key_runs), and the key ranges of changed and gone containers.
+
+    Not with loose files, listed now or live before (a deleted loose file is found only by reading every
+    live key), nor when a changed container's key range was not recorded (a table from an older release)."""
+    ranges, delta = [], live is not None and bool(live.key_buckets) and live.loose_keys == 0 and loose == 0
+    for uri, row in live_table.items():
+        if uri in unchanged or not row.get("entries"):
+            continue
+        if row.get("min_key") is None or row.get("max_key") is None:
+            delta = False
+            break
+        ranges.append((row["min_key"], row["max_key"]))
+    return DiffContext(dest=dest, index=index, ref_prefix=ref_prefix, unchanged=frozenset(unchanged), delta=delta,
+                       layout=layout, ranges=sorted(ranges) if delta else [])
 
 
 def _plan(dest: Location, spec: SourceSpec, part_size: int, ref_prefix: str, bucket_rows: int, index: Location | None,
-          live: Manifest | None) -> Plan:
+          live: Manifest | None, layout: KeyLayout) -> Plan:
     t0 = time.time()
     dest.delete(SCRATCH)  # an interrupted listing's scratch: started again
     seconds = {}
@@ -353,9 +255,12 @@ def _plan(dest: Location, spec: SourceSpec, part_size: int, ref_prefix: str, buc
         refs = [(r.model_dump(), part_number(r)) for r in live.catalog]
         _shuffle(dest, index, "catalog", refs, [part_size] * len(refs), buckets, "live", limit)
     elif live is not None:
-        refs = [(r.model_dump(), part_number(r)) for r in live.failures if r.name.startswith("part-")]
+        failed_parts = None if live.failed_parts is None else set(live.failed_parts)  # None: not recorded, read all
+        refs = [(r.model_dump(), part_number(r)) for r in live.failures
+                if r.name.startswith("part-") and (failed_parts is None or part_number(r) in failed_parts)]
         failed_containers = _shuffle(dest, index, "failed", refs, [part_size] * len(refs), buckets, "failed", limit,
                                      set(live_table))
+    loose = sum(n for _, n in files)
     unchanged = {c[0] for c in containers if c[0] not in failed_containers and c[0] in live_table
                  and (live_table[c[0]]["etag"], live_table[c[0]]["size"]) == (c[2], c[3])}
     scanned = [c for c in containers if c[0] not in unchanged]
@@ -371,22 +276,26 @@ def _plan(dest: Location, spec: SourceSpec, part_size: int, ref_prefix: str, buc
     if buckets > 1:
         _shuffle(dest, None, "entries", [f for f, _ in files], [n for _, n in files], buckets, "buckets", limit)
     first = live.next_part if live is not None else 0
-    live_keys = refs_by_bucket(live.keys) if live is not None else {}
-    diffs, keys, n_parts, listing = _buckets(dest, index, ref_prefix, buckets, first, part_size, live_keys,
-                                             live is not None and not live.key_buckets, unchanged, [f for f, _ in files],
-                                             scan_failures)
+    ctx = _diff_context(dest, index, ref_prefix, live, live_table, unchanged, loose, layout)
+    runs = runs_by_bucket(live.keys, live.key_removed, bucket_of) if live is not None else {}
+    result = diff_buckets(ctx, buckets, first, part_size, runs, live is not None and not live.key_buckets,
+                          [f for f, _ in files], scan_failures)
+    diffs = result.diffs
     seconds["buckets"] = time.time() - t0 - seconds["walk"] - seconds["scan"]
     containers_ref = write_checksummed(dest, ref_prefix, containers_table(rows).cast(CONTAINER_SCHEMA), "containers.parquet")
     total = {k: sum(d[k] for d in diffs) for k in ("added", "changed", "deleted", "unchanged", "duplicates", "todo")}
     errors = Counter(f["error_type"] for f in scan_failures) + Counter({"duplicate_key": total["duplicates"]})
     list_failures = len(scan_failures) + total["duplicates"]
     update = None if live is None else UpdateCounts(**{k: total[k] for k in ("added", "changed", "deleted", "unchanged")})
-    plan = Plan(listing_failures=listing, parts=n_parts, entries=total["todo"], skipped=dict(skipped),
+    plan = Plan(listing_failures=result.listing, parts=result.parts, entries=total["todo"], skipped=dict(skipped),
                 list_failures=list_failures, list_errors=dict(errors), update=update, first_part=first,
                 seen=total["todo"] + total["unchanged"] + list_failures + sum(skipped.values()),
-                key_buckets=buckets, keys=keys, containers=containers_ref,
+                key_buckets=buckets, keys=result.keys, key_removed=result.key_removed, containers=containers_ref,
+                loose_keys=loose,
                 removed=sorted((FileRef.model_validate(d["removed"]) for d in diffs if "removed" in d), key=bucket_of))
     seconds["total"] = time.time() - t0
+    modes = Counter(d["mode"] for d in diffs)
     record = {"scanned": [c[0] for c in scanned], "unchanged": len(unchanged), "listing_files": len(files),
-              "listed": listed, "buckets": buckets, "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+              "listed": listed, "buckets": buckets, "bucket_modes": dict(modes),
+              "key_row_groups_read": sum(max(0, d["row_groups"]) for d in diffs), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     return _finish(dest, plan, record)

@@ -123,7 +123,9 @@ def publish_update(build: VersionBuild, plan: Plan, embedded: Embedded, content:
         # Failures are this run's: images that failed before were retried (listed again as added).
         failures=[listing_failures(build, plan)] + [new[p].files.get("failures") or files[p]["failures"]
                                                     for p in sorted(new)],
-        update=content.update, key_buckets=plan.key_buckets, keys=plan.keys, containers=plan.containers,
+        update=content.update, key_buckets=plan.key_buckets, keys=plan.keys, key_removed=plan.key_removed,
+        containers=plan.containers, loose_keys=plan.loose_keys,
+        failed_parts=sorted(p for p, s in new.items() if s.failed),  # the next update reads only their failures
     )
     return publish_manifest(build, manifest, summary)
 

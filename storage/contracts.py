@@ -77,14 +77,18 @@ class ShardRef(Contract):
     tombstones: FileRef | None = None
     tombstoned: int = Field(0, ge=0)
     delta: bool = False  # built by an update from its own new parts, on the live trained index
+    # The catalog rows (image_id, key, uri, kind, offset, length) of exactly the shard's ids, sorted
+    # by id, in small row groups (storage/shard_catalog.py): a candidate's row is read from the shard
+    # the search found it in. None in versions built before it: the rerank job then buckets the catalog.
+    catalog: FileRef | None = None
 
     @property
     def live(self) -> int:
         return self.ntotal - self.tombstoned
 
     def files(self) -> list[FileRef]:
-        """The shard's files: the index, its ids and vectors where it has them, its tombstones."""
-        return [self.file, *(f for f in (self.ids, self.vectors, self.tombstones) if f is not None)]
+        """The shard's files: the index, its ids, vectors and catalog where it has them, its tombstones."""
+        return [self.file, *(f for f in (self.ids, self.vectors, self.catalog, self.tombstones) if f is not None)]
 
 
 class ModelSpec(Contract):
@@ -151,8 +155,13 @@ class Manifest(Contract):
     # into `key_buckets` files (`keys/bucket-BBBBB.parquet`, one per non-empty bucket), so that the
     # nightly diff runs bucket by bucket and never holds the catalog in one process.
     key_buckets: int = Field(0, ge=0)  # 0: no key index (format 1/2): the first update builds it
+    # A bucket may have several key files (a base, then the rows later updates added) and removed files
+    # (`keys/removed-BBBBB.parquet`: (image_id, part) of its rows no longer live): storage.key_runs.
     keys: list[FileRef] = Field(default_factory=list)
-    containers: FileRef | None = None  # tar / Parquet files scanned: uri, kind, etag, size, entries
+    key_removed: list[FileRef] = Field(default_factory=list)
+    containers: FileRef | None = None  # tar / Parquet files scanned: uri, kind, etag, size, entries, key range
+    loose_keys: int | None = None  # loose files (not in a container) the run listed; None: not recorded
+    failed_parts: list[int] | None = None  # parts whose failures file has decode/embed rows; None: not recorded
 
     def files(self) -> list[FileRef]:
         """Every file the version references (some may live in earlier versions' folders)."""
@@ -160,7 +169,7 @@ class Manifest(Contract):
         shard_files = [f for s in self.shards for f in s.files()]
         containers = [self.containers] if self.containers else []
         return [self.trained, *shard_files, *self.embeddings, *self.catalog, *self.failures, *model_files, *self.keys,
-                *containers]
+                *self.key_removed, *containers]
 
     @property
     def ntotal(self) -> int:
@@ -242,7 +251,9 @@ class Plan(Contract):
     first_part: int = Field(0, ge=0)  # parts are first_part .. first_part + parts - 1
     key_buckets: int = Field(0, ge=0)
     keys: list[FileRef] = Field(default_factory=list)  # the new version's key index (see Manifest.keys)
+    key_removed: list[FileRef] = Field(default_factory=list)
     containers: FileRef | None = None
+    loose_keys: int | None = None
     # The diff's live rows to tombstone (deleted, or changed and re-embedded): Parquet (image_id, part)
     removed: list[FileRef] = Field(default_factory=list)
 

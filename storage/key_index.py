@@ -30,8 +30,11 @@ KEY_SCHEMA = pa.schema([("key", pa.string()), ("etag", pa.string()), ("length", 
 # A bucket's rows on their way to the plan: entries + `part` (-1: to be planned; else the live part of
 # an unchanged row, which keeps its vector and is only carried into the new key index).
 NEXT_SCHEMA = pa.schema(list(ENTRY_SCHEMA) + [("part", pa.int32())])
+# skipped: JSON {extension: count}; min_key / max_key: the container's key range (null: empty, or a table
+# written before the ranges were recorded), so a diff can read only the key rows a changed container touches.
 CONTAINER_SCHEMA = pa.schema([("uri", pa.string()), ("kind", pa.string()), ("etag", pa.string()), ("size", pa.int64()),
-                              ("entries", pa.int64()), ("skipped", pa.string())])  # skipped: JSON {extension: count}
+                              ("entries", pa.int64()), ("skipped", pa.string()), ("min_key", pa.string()),
+                              ("max_key", pa.string())])
 
 
 def key_bucket(keys: pa.Array | pa.ChunkedArray | list[str], buckets: int) -> np.ndarray:
@@ -48,25 +51,26 @@ def bucket_file(bucket: int) -> str:
 
 
 def bucket_of(ref: FileRef) -> int:
-    """The bucket a key-index (or removed-rows) file holds, from its name."""
-    return int(ref.name[len("bucket-"):-len(".parquet")])
+    """The bucket a key-index, removed-rows or removed-keys file holds, from its name (`*-BBBBB.parquet`)."""
+    return int(ref.name[:-len(".parquet")].rsplit("-", 1)[1])
 
 
 def refs_by_bucket(refs: list[FileRef]) -> dict[int, FileRef]:
     return {bucket_of(r): r for r in refs}
 
 
-def write_checksummed(folder: Location, ref_prefix: str, table: pa.Table, *parts: str) -> FileRef:
+def write_checksummed(folder: Location, ref_prefix: str, table: pa.Table, *parts: str,
+                      row_group_size: int | None = None) -> FileRef:
     """Write a table under a version folder; its reference (relative to the index root) with size and sha256."""
-    data = parquet_bytes(table)
+    data = parquet_bytes(table, row_group_size)
     folder.write_bytes(data, *parts)
     return digest("/".join((ref_prefix, *parts)), data)
 
 
-def write_key_bucket(folder: Location, ref_prefix: str, bucket: int, table: pa.Table) -> FileRef:
+def write_key_bucket(folder: Location, ref_prefix: str, bucket: int, table: pa.Table, row_group: int) -> FileRef:
     """One key-index bucket, sorted by key, in the version folder `folder` (= index/`ref_prefix`)."""
     table = table.select(KEY_SCHEMA.names).cast(KEY_SCHEMA).sort_by("key")
-    return write_checksummed(folder, ref_prefix, table, "keys", bucket_file(bucket))
+    return write_checksummed(folder, ref_prefix, table, "keys", bucket_file(bucket), row_group_size=row_group)
 
 
 def containers_table(rows: list[dict]) -> pa.Table:
@@ -95,15 +99,15 @@ def first_by_location(table: pa.Table) -> tuple[pa.Table, pa.Table]:
     return kept, pa.Table.from_pylist(rows, schema=FAILURE_SCHEMA)
 
 
-def drop_failed(live: pa.Table, failed: pa.Table) -> pa.Table:
-    """Live key rows without those whose (image_id, part) failed to decode or embed: not live, retried as added."""
+def drop_failed(live: pa.Table, failed: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(live key rows without those whose (image_id, part) failed to decode or embed, the dropped rows).
+
+    A failed row is not live: its image is retried, listed again as added."""
     if not failed.num_rows or not live.num_rows:
-        return live
-    pairs = set(zip(failed.column("image_id").to_pylist(), failed.column("part").to_pylist()))
-    hit = pc.is_in(live.column("image_id"), value_set=failed.column("image_id")).to_numpy(zero_copy_only=False)
-    ids, parts = live.column("image_id").to_numpy(), live.column("part").to_numpy()
-    gone = np.array([bool(h) and (int(i), int(p)) in pairs for h, i, p in zip(hit, ids, parts)], dtype=bool)
-    return live.filter(pa.array(~gone))
+        return live, live.slice(0, 0)
+    pairs = failed.select(["image_id", "part"]).cast(pa.schema([("image_id", pa.int64()), ("part", pa.int32())]))
+    return (live.join(pairs, ["image_id", "part"], join_type="left anti", use_threads=False),
+            live.join(pairs, ["image_id", "part"], join_type="left semi", use_threads=False))
 
 
 def as_next(table: pa.Table, part: int | None = None) -> pa.Table:

@@ -32,10 +32,10 @@ _CREDENTIAL_KEY = re.compile(r"^(key|secret|token)$|secret|password|passwd|crede
 _SECRET_PARAM = re.compile(r"signature|credential|token|secret|password|passwd|key", re.I)  # presigned URLs
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table, row_group_size: int | None = None) -> bytes:
     """A table as the Parquet file every writer stores (zstd): one spelling, so equal tables give equal bytes."""
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", row_group_size=row_group_size)
     return buf.getvalue()
 
 

@@ -21,6 +21,7 @@ from mllm_index.storage.contracts import Counts, FileRef, Manifest, Plan, ShardR
 from mllm_index.storage.integrity import read_verified_parquet, write_parquet_ref
 from mllm_index.storage.key_index import KEY_SCHEMA, bucket_of, key_bucket
 from mllm_index.storage.sources import SourceSpec
+from mllm_index.storage.tombstones import part_number
 from mllm_index.storage.uris import Location
 
 IMAGES = {name.split("/")[-1]: data for name, (data, _) in odd_files().items()}
@@ -44,7 +45,8 @@ def plan_rows(dest: Location, plan: Plan) -> pa.Table:
     return pa.concat_tables([dest.read_parquet("plan", f"part-{p:05d}.parquet") for p in plan.part_numbers])
 
 
-def key_rows(index: Location, plan: Plan) -> pa.Table:
+def key_rows(index: Location, plan: Plan | Manifest) -> pa.Table:
+    """The live key rows: every key file of every bucket, less the bucket's removed (image_id, part) pairs."""
     tables = []
     for ref in plan.keys:
         table = read_verified_parquet(index, ref)
@@ -52,7 +54,12 @@ def key_rows(index: Location, plan: Plan) -> pa.Table:
         assert table.column("key").to_pylist() == sorted(table.column("key").to_pylist())
         assert set(key_bucket(table.column("key"), plan.key_buckets)) == {bucket_of(ref)}
         tables.append(table)
-    return pa.concat_tables(tables) if tables else KEY_SCHEMA.empty_table()
+    table = pa.concat_tables(tables) if tables else KEY_SCHEMA.empty_table()
+    gone = {(i, p) for r in plan.key_removed for i, p in zip(*(read_verified_parquet(index, r).column(c).to_pylist()
+                                                                for c in ("image_id", "part")))}
+    live = [(i, p) not in gone for i, p in zip(table.column("image_id").to_pylist(), table.column("part").to_pylist())]
+    assert len(live) - sum(live) == len(gone)  # each removed pair names exactly one key row
+    return table.filter(pa.array(live, pa.bool_()))
 
 
 def located(table: pa.Table) -> set[tuple]:
@@ -129,7 +136,9 @@ def publish_like_a_run(index: Location, name: str, plan: Plan, failed: set[int],
         failures.append(write_parquet_ref(index, version_file(name, "failures", f"part-{p:05d}.parquet"),
                                           pa.Table.from_pylist(fail, schema=FAILURE_SCHEMA)))
     indexed = sum(read_verified_parquet(index, r).num_rows for r in catalog)
-    extra = dict(key_buckets=plan.key_buckets, keys=plan.keys, containers=plan.containers) if key_index else {}
+    failed_parts = sorted(part_number(r) for r in failures[1:] if read_verified_parquet(index, r).num_rows)
+    extra = dict(key_buckets=plan.key_buckets, keys=plan.keys, key_removed=plan.key_removed, containers=plan.containers,
+                 loose_keys=plan.loose_keys, failed_parts=failed_parts) if key_index else {}
     return Manifest(version=name, dim=4, metric="ip", factory="Flat", counts=Counts(seen=plan.seen, indexed=indexed,
                     failed=plan.seen - indexed - sum(plan.skipped.values()), skipped=sum(plan.skipped.values())),
                     trained_on=indexed, trained=FileRef(path=version_file(name, "trained.faiss")),
@@ -151,6 +160,21 @@ def reference_diff(entries: pa.Table, index: Location, live: Manifest):
     changed = {k for k in now if k in before and before[k][:2] != (now[k]["etag"], now[k]["length"])}
     deleted = {k for k in before if k not in now}
     removed = {(before[k][2], part_of[before[k][2]]) for k in deleted | changed}
+    return added, changed, deleted, len(now) - len(added) - len(changed), removed
+
+
+def reference_from_keys(entries: pa.Table, index: Location, live: Manifest):
+    """`reference_diff` against the live key rows (a chain of updates: the catalog is spread over versions);
+    rows that failed to decode last time are not live."""
+    keys = key_rows(index, live)
+    failed = {(i, part_number(r)) for r in live.failures[1:] for i in read_verified_parquet(index, r).column("image_id").to_pylist()}
+    rows = [r for r in keys.to_pylist() if (r["image_id"], r["part"]) not in failed]
+    before = {r["key"]: (r["etag"], r["length"], r["image_id"], r["part"]) for r in rows}
+    now = {r["key"]: r for r in entries.to_pylist()}
+    added = {k for k in now if k not in before}
+    changed = {k for k in now if k in before and before[k][:2] != (now[k]["etag"], now[k]["length"])}
+    deleted = {k for k in before if k not in now}
+    removed = {before[k][2:] for k in deleted | changed}
     return added, changed, deleted, len(now) - len(added) - len(changed), removed
 
 
@@ -257,3 +281,73 @@ def test_update_of_a_format_2_version_builds_the_key_index_from_its_catalog(ray_
     assert sorted(keys.column("key").to_pylist()) == sorted(entries.column("key").to_pylist())
     assert all(r.path.startswith("versions/v000002/keys/") for r in plan.keys)  # nothing to reference: all written
     assert len(v2.read_json("plan", "listing.json")["scanned"]) == 5  # no container table: every container opened
+
+
+def test_nightly_diff_of_containers_reads_only_what_changed(ray_session, tmp_path):
+    """A gallery of containers: each bucket's diff reads the row groups a change touches and writes a delta key file
+    and a removed file; the live files are referenced. Counts, planned rows, tombstones and the live key rows equal
+    the single-process diff and listing, night after night, and a compaction writes each bucket back as one base."""
+    from mllm_index.storage import key_runs
+
+    root, index = Location(str(tmp_path / "g")), Location(str(tmp_path / "index"))
+    files = {k: v for k, v in gallery().items() if k.startswith(("shards/s", "tables/"))}
+    files["shards/s3.tar"] = tar_bytes({f"x{i:02d}.jpg": G for i in range(12)})  # 12 keys after all others
+    write_files(root, files)
+    spec = SourceSpec(root.uri)
+    layout = key_runs.KeyLayout(row_group=2, compact_fraction=10.0)  # no compaction until the last night
+    plan = make_index_plan(index.child("versions", "v000001"), spec, 3, version_file("v000001"), bucket_rows=6,
+                           layout=layout)
+    first, _, _ = list_entries(spec)
+    live = publish_like_a_run(index, "v000001", plan, {r["image_id"] for r in first.to_pylist() if r["key"] == "r2"})
+    assert live.loose_keys == 0 and live.failed_parts
+    s1 = root.path("shards/s1.tar")
+    s1_bytes = open(s1, "rb").read()
+    nights = [  # (files written, files deleted)
+        ({"shards/s0.tar": tar_bytes({"k1.jpg": G, "same.jpg": P, "k9.jpg": W}),  # same changed, k2 gone, k9 new
+          "shards/s9.tar": tar_bytes({"n1.jpg": G, "k4.jpg": W})}, ["shards/s2.tar"]),  # k4: already in s1
+        ({"shards/s3.tar": tar_bytes({**{f"x{i:02d}.jpg": G for i in range(12) if i != 5}, "x05.jpg": W})}, []),
+        ({"shards/s10.tar": tar_bytes({"z1.jpg": P, "x03.jpg": P})}, []),  # x03: in s3, whose range is not read
+        ({}, ["shards/s9.tar"]),
+    ]
+    for night, (written, deleted) in enumerate(nights, start=2):
+        write_files(root, written)
+        for name in deleted:
+            root.delete(name)
+        entries, _, _ = list_entries(spec)
+        reference = reference_from_keys(entries, index, live)
+        rewrite_in_place(s1, b"\xff" * len(s1_bytes))  # unchanged: opening it would delete its keys
+        if night == 5:
+            layout = key_runs.KeyLayout(row_group=2, compact_fraction=0.0)
+        name = f"v{night:06d}"
+        dest = index.child("versions", name)
+        plan = make_update_plan(dest, spec, 3, version_file(name), index, live, bucket_rows=6, layout=layout)
+        rewrite_in_place(s1, s1_bytes)
+        record = dest.read_json("plan", "listing.json")
+        keys = check_update(index, dest, live, plan, reference)
+        assert sorted(keys.column("key").to_pylist()) == sorted(entries.column("key").to_pylist())
+        assert located(keys.select(["image_id", "key", "uri", "etag", "length"]).append_column(
+            "kind", pa.array([""] * keys.num_rows)).append_column("offset", pa.array([0] * keys.num_rows))) == located(
+            entries.select(["image_id", "key", "uri", "etag", "length"]).append_column(
+                "kind", pa.array([""] * entries.num_rows)).append_column("offset", pa.array([0] * entries.num_rows)))
+        assert "s1.tar" not in {u.rsplit("/", 1)[-1] for u in record["scanned"]}
+        per_bucket = {}
+        for ref in plan.keys:
+            per_bucket.setdefault(bucket_of(ref), []).append(ref)
+        if night < 5:
+            assert set(record["bucket_modes"]) == {"delta"}
+            assert set(live.keys) <= set(plan.keys) and set(live.key_removed) <= set(plan.key_removed)  # referenced
+            assert all(r.path.startswith(f"versions/{name}/") for r in set(plan.keys) - set(live.keys))
+            assert 0 < record["key_row_groups_read"] < sum(
+                pq_row_groups(index, r) for r in live.keys)  # pruned: not every row group was read
+        else:  # compaction: one base per bucket, nothing removed
+            assert set(record["bucket_modes"]) == {"full"} and plan.key_removed == []
+            assert all(len(refs) == 1 for refs in per_bucket.values())
+        live = publish_like_a_run(index, name, plan, set())
+
+
+def pq_row_groups(index: Location, ref: FileRef) -> int:
+    import io
+
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(io.BytesIO(index.read_bytes(ref.path))).metadata.num_row_groups
