@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Collection
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -155,20 +156,21 @@ def task_gpus(cfg: IndexJobConfig) -> int:
     return 1 if gpus >= 1 else 0
 
 
-def build_shards(build: VersionBuild, groups: dict[int, list[int]], refs: dict[int, FileRef], trained: FileRef,
-                 delta: bool = False) -> dict[int, ShardRef]:
-    """Fill shards {number: parts} from the parts' embeddings files (`refs`, in any folder) on `trained`,
-    in parallel Ray tasks; a shard whose marker lists the same parts was built before an interruption."""
+def build_shards(build: VersionBuild, groups: dict[int, list[int]], embeddings: dict[int, FileRef],
+                 catalogs: dict[int, FileRef], trained: FileRef, deltas: Collection[int] = ()) -> dict[int, ShardRef]:
+    """Fill shards {number: parts} from the parts' embeddings and catalog files (in any folder) on `trained`,
+    in parallel Ray tasks, all in one wave; shards numbered in `deltas` are an update's delta shards. A
+    shard whose marker lists the same parts was built before an interruption."""
     gpus = task_gpus(build.cfg)
     shard_task = ray.remote(num_cpus=1, num_gpus=gpus)(build_shard)
     pending, shards = {}, {}
     for s, group in groups.items():
         done = finished_shard(build.index, build.name, s, group)
-        if done is not None and done.delta == delta:
+        if done is not None and done.delta == (s in deltas):
             shards[s] = done
         else:
-            pending[s] = shard_task.remote(build.index, build.name, s, group, gpus > 0, trained, [refs[p] for p in group],
-                                           delta)
+            pending[s] = shard_task.remote(build.index, build.name, s, group, gpus > 0, trained,
+                                           [embeddings[p] for p in group], s in deltas, [catalogs[p] for p in group])
     shards.update(zip(pending, ray.get(list(pending.values()))))
     return shards
 
@@ -192,7 +194,8 @@ def build_index(build: VersionBuild, parts: dict[int, PartStats], factory: str, 
             made = ray.get(task.remote(build.index, build.name, counts, factory, cfg.index.metric, sample, cfg.run.seed,
                                        gpus > 0, refs))
     groups = {first_shard + i: g for i, g in enumerate(shard_groups(sorted(counts), cfg))}
-    shards = build_shards(build, groups, refs, made.file, delta)
+    shards = build_shards(build, groups, refs, part_refs_by_number(build.name, parts, "catalog"), made.file,
+                          set(groups) if delta else ())
     return made, [shards[s] for s in sorted(shards)]
 
 

@@ -139,11 +139,11 @@ def _deltas(build: VersionBuild, shards, files, new: dict[int, PartStats], live:
     with build.stage("compact"):
         files.update(compact_parts(build.index, build.name, plan.compact + plan.merged, files))
     refs = {p: f["embeddings"] for p, f in files.items()}
+    catalogs = {p: f["catalog"] for p, f in files.items()}
+    groups = {**{s.shard: list(s.parts) for s in plan.compact}, **plan.groups}  # compacted and new: one wave
+    deltas = {s.shard for s in plan.compact if s.delta} | set(plan.groups)
     with build.stage("train_add"):
-        built = build_shards(build, {s.shard: list(s.parts) for s in plan.compact if not s.delta}, refs, live.trained)
-        built.update(build_shards(build, {s.shard: list(s.parts) for s in plan.compact if s.delta}, refs, live.trained,
-                                  delta=True))
-        built.update(build_shards(build, plan.groups, refs, live.trained, delta=True))
+        built = build_shards(build, groups, refs, catalogs, live.trained, deltas)
     final = sorted(plan.keep + list(built.values()), key=lambda s: s.shard)
     return TrainedRef(file=live.trained), final, live.factory
 
