@@ -5,10 +5,13 @@ per group); `SearchIndex` holds the whole version, for versions whose shards hav
 files of their own and a search that re-scores.
 
 A query block passes every group. Between stages the rows carry their running shortlist
-(`_pq_ids` / `_pq_scores`, the PQ top-`depth` merged over the groups so far) and, once the
-shortlist is complete, `_exact` (exact scores, NaN until a group holding the candidate fills
-them in). The last stage orders them and writes `knn_ids` / `knn_scores`, exactly what one
-process searching every shard returns (IndexSearcher).
+(`_pq_ids` / `_pq_scores`, the PQ top-`depth` merged over the groups so far, and `_pq_shards`, the
+shard number that returned each id, -1 where none) and, once the shortlist is complete, `_exact`
+(exact scores, NaN until a group holding the candidate fills them in). The last stage orders them
+and writes `knn_ids` / `knn_scores`, exactly what one process searching every shard returns
+(IndexSearcher), and `knn_shards`: where each returned id is live, so that its catalog row is read
+from that shard's catalog file (storage/shard_catalog.py). `SearchIndex` (the legacy path) writes
+no `knn_shards`.
 
 Each stage filters its own shards' tombstones (storage.tombstones): its PQ search never returns a
 tombstoned id, and its re-score never scores a candidate from a shard where the id is tombstoned,
@@ -21,20 +24,20 @@ from __future__ import annotations
 import numpy as np
 
 from mllm_index.storage.retry import RetryMeter
-from mllm_index.storage.search import IndexSearcher, ShardGroup, exact_order
-from mllm_index.storage.faiss_store import merge_topk
+from mllm_index.storage.search import IndexSearcher, ShardGroup, exact_order_tagged
+from mllm_index.storage.faiss_store import merge_topk_tagged
 from mllm_index.storage.shard_vectors import ShardRescorer
 from mllm_index.storage.uris import Location
 from mllm_index.storage.versions import read_manifest
 
-RUNNING = ("_pq_ids", "_pq_scores", "_exact")
+RUNNING = ("_pq_ids", "_pq_scores", "_pq_shards", "_exact")
 
 
 def _writable(batch: dict, name: str) -> np.ndarray:
     return np.array(batch[name], copy=True)  # Ray Data hands batches out read-only
 
 
-def _finish(batch: dict, ids: np.ndarray, scores: np.ndarray, top_k: int) -> dict:
+def _finish(batch: dict, ids: np.ndarray, scores: np.ndarray, top_k: int, shards: np.ndarray | None = None) -> dict:
     out_ids = np.full((len(ids), top_k), -1, np.int64)
     out_scores = np.full((len(ids), top_k), np.nan, np.float32)
     width = min(top_k, ids.shape[1])
@@ -43,6 +46,10 @@ def _finish(batch: dict, ids: np.ndarray, scores: np.ndarray, top_k: int) -> dic
     for name in (*RUNNING, "embedding"):
         batch.pop(name, None)
     batch["knn_ids"], batch["knn_scores"] = out_ids, out_scores
+    if shards is not None:
+        out_shards = np.full((len(ids), top_k), -1, np.int64)
+        out_shards[:, :width] = np.where(ids[:, :width] >= 0, shards[:, :width], -1)
+        batch["knn_shards"] = out_shards
     return batch
 
 
@@ -72,12 +79,15 @@ class SearchShardGroup:
         worst = -np.inf if self.metric == "ip" else np.inf
         ids = _writable(batch, "_pq_ids") if "_pq_ids" in batch else np.full((n, self.depth), -1, np.int64)
         scores = _writable(batch, "_pq_scores") if "_pq_scores" in batch else np.full((n, self.depth), worst, np.float32)
+        # A shortlist handed in without shards (not from a PQ stage) has none to report.
+        shards = _writable(batch, "_pq_shards") if "_pq_shards" in batch else np.full(ids.shape, -1, np.int64)
         queries = np.asarray(batch["embedding"], dtype=np.float32)[ok] if ok.any() else None
         if self.group is not None and queries is not None:
             s, i = self.group.search(queries, self.depth, self.nprobe)
-            s, i = merge_topk([scores[ok], *s], [ids[ok], *i], self.depth, self.metric)
-            scores[ok], ids[ok] = s, i
-        batch["_pq_ids"], batch["_pq_scores"] = ids, scores
+            s, i, t = merge_topk_tagged([scores[ok], *s], [ids[ok], *i], [shards[ok], *self.group.shard_tags(i)],
+                                        self.depth, self.metric)
+            scores[ok], ids[ok], shards[ok] = s, i, t
+        batch["_pq_ids"], batch["_pq_scores"], batch["_pq_shards"] = ids, scores, shards
         if self.rescore:
             exact = _writable(batch, "_exact") if "_exact" in batch else np.full((n, self.depth), np.nan, np.float32)
             if self.rescorer is not None and queries is not None:
@@ -89,8 +99,8 @@ class SearchShardGroup:
         if not self.final:
             return batch
         if self.rescore:
-            scores, ids = exact_order(exact, ids, self.metric)
-        return _finish(batch, ids, scores, self.top_k)
+            scores, ids, shards = exact_order_tagged(exact, ids, shards, self.metric)
+        return _finish(batch, ids, scores, self.top_k, shards)
 
 
 class SearchIndex:

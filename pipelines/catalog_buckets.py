@@ -1,5 +1,9 @@
 """Build the id-partitioned catalog of an index version with Ray Data: workers read, shuffle, write.
 
+Only for versions with a shard built before shards had catalog files (storage/shard_catalog.py):
+a version built since has its catalog rows by shard, written once with each shard, and the rerank
+job reads a candidate's row there without this per-run O(gallery) shuffle.
+
 Each catalog part is read (and verified) by a task, its rows are tagged with their bucket, a
 Ray Data group-by brings each bucket's rows together, and a task writes the bucket's file.
 The driver only sees one small stats row per bucket. The result is cached with the run

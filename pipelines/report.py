@@ -18,6 +18,7 @@ from mllm_index.actors.decode import DecodeFailure, open_image
 from mllm_index.storage.ground_truth import read_ground_truth
 from mllm_index.storage.catalog_index import FOLDER, INDEX, CatalogBuckets
 from mllm_index.storage.search import Catalog
+from mllm_index.storage.shard_catalog import ShardCatalogs, has_shard_catalogs
 from mllm_index.storage.sources import fetch_bytes
 from mllm_index.storage.uris import Location, redact
 from mllm_index.storage.versions import read_manifest
@@ -61,16 +62,29 @@ def _figure(uri: str, caption: str, mark: str) -> str:
     return f'<figure class="{mark}"><img src="{uri}" alt=""><figcaption>{html.escape(caption)}</figcaption></figure>'
 
 
+def candidate_rows(out: Location, index: Location, version: str, wanted: dict[int, int]) -> list[dict | None]:
+    """Catalog rows of the shown candidates (image_id -> the shard the run found it in, -1: unknown).
+
+    A run whose results name every shown candidate's shard reads them from the shards' catalog
+    files (a row group each); an older run from its catalog by id (a bucket each); a run from
+    before both from the version's whole catalog."""
+    ids = np.array(sorted(wanted), np.int64)
+    shards = np.array([wanted[i] for i in ids.tolist()], np.int64)
+    if len(ids) and (shards >= 0).all():
+        manifest = read_manifest(index, version)
+        if has_shard_catalogs(manifest.shards):
+            return ShardCatalogs(index, manifest.shards).lookup(ids, shards)
+    if out.exists(FOLDER, INDEX):  # the run's catalog by id: only the shown candidates' buckets are read
+        return CatalogBuckets(out).lookup(ids)
+    return Catalog(index, read_manifest(index, version)).lookup(ids)  # the version's catalog, read whole
+
+
 def write_report(results_uri: str, ground_truth_uri: str | None = None, queries: int = 12, top: int = 8,
                  storage_options: dict | None = None) -> str:
     """Write report.html next to the results; returns its URI."""
     out = Location(results_uri, storage_options)
     run = out.read_json("run.json")
     index = Location(run["settings"]["index_uri"], storage_options)
-    if out.exists(FOLDER, INDEX):  # the run's catalog by id: only the shown candidates' buckets are read
-        catalog = CatalogBuckets(out)
-    else:  # a run from before the catalog by id: the version's catalog, read whole
-        catalog = Catalog(index, read_manifest(index, run["index_version"]))
     results = out.read_parquet_folder("results")
     by_query = defaultdict(list)
     for row in results.to_pylist():
@@ -80,8 +94,8 @@ def write_report(results_uri: str, ground_truth_uri: str | None = None, queries:
     truth = read_ground_truth(ground_truth_uri, storage_options) if ground_truth_uri else {}
     sample = sorted(by_query)[:queries]
 
-    wanted = {r["image_id"] for q in sample for r in by_query[q] if r["rank"] <= top or r["knn_rank"] <= top}
-    entries = [e for e in catalog.lookup(np.array(sorted(wanted), np.int64)) if e is not None]
+    wanted = {r["image_id"]: r.get("shard", -1) for q in sample for r in by_query[q] if r["rank"] <= top or r["knn_rank"] <= top}
+    entries = [e for e in candidate_rows(out, index, run["index_version"], wanted) if e is not None]
     thumbs = {int(e["image_id"]): thumbnail(d) for e, d in zip(entries, fetch_bytes(entries, storage_options or {}))}
     query_entries = [query_rows[q] for q in sample]
     query_thumbs = dict(zip(sample, (thumbnail(d) for d in fetch_bytes(query_entries, storage_options or {}))))

@@ -3,7 +3,8 @@
 Output layout under OUTPUT_URI (one folder per run):
     run.json                      settings, index version, run id (a re-run with other settings is refused)
     plan/part-NNNNN.parquet       the query listing, cut into parts of run.part_size queries
-    catalog_by_id/                the index version's catalog partitioned by image id (built once per run, distributed)
+    catalog_by_id/                only for versions whose shards have no catalog files (built before them): the
+                                  version's catalog partitioned by image id (built once per run, distributed)
     chunks/part-NNNNN.d/          what writer tasks wrote of an unfinished part: a re-run skips those queries
     results/part-NNNNN.parquet    one row per (query, rank), merged from the chunks by the task completing the part
     failures/part-NNNNN.parquet   queries and candidates that could not be read or decoded
@@ -11,7 +12,8 @@ Output layout under OUTPUT_URI (one folder per run):
     summary.json
 
 No process holds the gallery: search actors hold a bounded group of shards, a candidate's catalog row
-is read from its id bucket by the fetch tasks, and results are written by tasks, not by the driver.
+is read by the fetch tasks from the catalog file of the shard the search found it in (one row group per
+id; written once, with the shard), and results are written by tasks, not by the driver.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from mllm_index.pipelines.summaries import QueryCounts, RerankSummary, ScoringSu
 from mllm_index.storage.contracts import Manifest, QueryPartStats, write_contract
 from mllm_index.storage.lock import ReadLease
 from mllm_index.storage.retry import RetryMeter
+from mllm_index.storage.shard_catalog import has_shard_catalogs, plain_catalogs
 from mllm_index.storage.shard_store import part_file
 from mllm_index.storage.sources import SourceSpec, list_source, read_bboxes
 from mllm_index.storage.uris import Location, check_under_roots, redact
@@ -202,6 +205,19 @@ def score_with_ray_data_llm(ds, cfg: RerankJobConfig, settings: dict, res: dict,
                           weight=r.fusion_weight))
 
 
+def _catalog_kwargs(index: Location, manifest: Manifest, out: Location, cfg: RerankJobConfig, legacy: bool) -> dict:
+    """Where the fetch tasks find candidates' catalog rows: the shards' catalog files (written once,
+    with each shard; the tasks get their references, O(shards)), or, for a version with a shard built
+    before them or a legacy search (no `knn_shards`), the run's catalog by id, built here once per run."""
+    if not legacy and has_shard_catalogs(manifest.shards):
+        return dict(index_uri=index.uri, shard_catalogs=plain_catalogs(manifest.shards))
+    log.info("version %s: %s; building this run's catalog by id (catalog_by_id/)", manifest.version,
+             "the search runs the legacy way (no shard per candidate)" if legacy else
+             f"{sum(s.catalog is None for s in manifest.shards)} of {len(manifest.shards)} shards have no catalog "
+             "file (built before them)")
+    return dict(catalog_uri=ensure_catalog_buckets(index, manifest, out, cfg.run.catalog_bucket_rows).folder.uri)
+
+
 def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: Location, version: str, manifest: Manifest,
                   run_id: str, boxes: dict, roots: list[str], lease: ReadLease) -> dict:
     """Stream the unfinished queries through decode -> embed -> search groups -> catalog + candidate fetch (tasks)
@@ -210,13 +226,13 @@ def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: L
     tables, expected = _unfinished_tables(out, todo, boxes, roots)
     if not tables:
         return {}
-    catalog = ensure_catalog_buckets(index, manifest, out, cfg.run.catalog_bucket_rows)
+    search = plan_search(manifest, cfg.search)
+    catalog = _catalog_kwargs(index, manifest, out, cfg, search.legacy)
     reranker = cfg.reranker.model
     kind = reranker_kind(reranker) if reranker else None
     max_pixels = cfg.reranker.max_pixels
     embed_res = actor_resources(cfg.embed, "embed")
     rerank_res = actor_resources(cfg.reranker, "reranker")
-    search = plan_search(manifest, cfg.search)
     vllm_stage = kind is not None and ray_data_llm_wanted(kind.name, {**cfg.reranker.model_dump(), "device": rerank_res["device"]})
     if vllm_stage:  # engine replicas (one CPU bundle each on CPU) and the regrouping actor
         rerank_res = {**rerank_res, "num_cpus": rerank_res["num_cpus"] if rerank_res["num_gpus"] else 1.0}
@@ -227,8 +243,8 @@ def _rerank_parts(out: Location, todo: list[int], cfg: RerankJobConfig, index: L
     decode = {"max_pixels": cfg.decode.max_pixels, "max_bytes": cfg.decode.max_bytes, "timeout_s": cfg.decode.timeout_s}
     ds = ds.map_batches(
         fetch_candidates, batch_size=cfg.reranker.queries_per_batch, batch_format="numpy", num_cpus=cfg.decode.num_cpus,
-        fn_kwargs=dict(catalog_uri=catalog.folder.uri, storage_options=options, image_column=cfg.queries.image_column,
-                       depth=cfg.reranker.depth if kind else 0, decode=decode, max_pixels=max_pixels),
+        fn_kwargs=dict(storage_options=options, image_column=cfg.queries.image_column,
+                       depth=cfg.reranker.depth if kind else 0, decode=decode, max_pixels=max_pixels, **catalog),
     )
     settings = {**cfg.reranker.model_dump(), "device": rerank_res["device"], "num_threads": rerank_res["num_threads"]}
     tally = None

@@ -27,6 +27,7 @@ RESULT_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("query_id", pa.int64()), ("query_key", pa.string()), ("rank", pa.int32()),
     ("image_id", pa.int64()), ("key", pa.string()), ("uri", pa.string()), ("knn_rank", pa.int32()),
     ("knn_score", pa.float32()), ("rerank_score", pa.float32()), ("final_score", pa.float32()), ("reranker", pa.string()),
+    ("shard", pa.int32()),  # the index shard the candidate is live in (its catalog row is there); -1: not known
 ])
 QUERY_FAILURE_SCHEMA = pa.schema(list(FAILURE_SCHEMA) + [("query_id", pa.int64())])
 CHUNKS = "chunks"
@@ -43,13 +44,14 @@ def _rows(cols: dict[str, np.ndarray], q: int, run_id: str, reranker: str) -> tu
     failures = [{"query_id": query["query_id"], **note} for note in json.loads(cols["candidate_failures"][q])]
     ids, keys, uris = cols["result_ids"][q], json.loads(cols["result_keys"][q]), json.loads(cols["result_uris"][q])
     order = cols["knn_rank"][q] - 1  # result position -> kNN position, where the catalog columns were looked up
+    shards = cols["knn_shards"][q] if "knn_shards" in cols else np.full(len(order), -1, np.int64)
     results = []
     for pos in np.flatnonzero(ids >= 0):
         results.append({"run_id": run_id, "query_id": query["query_id"], "query_key": query["key"], "rank": len(results) + 1,
                         "image_id": int(ids[pos]), "key": keys[order[pos]], "uri": uris[order[pos]],
                         "knn_rank": int(cols["knn_rank"][q][pos]), "knn_score": float(cols["result_knn_scores"][q][pos]),
                         "rerank_score": float(cols["rerank_score"][q][pos]), "final_score": float(cols["final_score"][q][pos]),
-                        "reranker": reranker})
+                        "reranker": reranker, "shard": int(shards[order[pos]])})
     return results, failures
 
 
@@ -116,12 +118,19 @@ def write_results(batch: dict[str, np.ndarray], *, out: Location, run_id: str, r
             "pairs_scored": np.array(written["pairs_scored"], np.int64), "finished": np.array(written["finished"], bool)}
 
 
+def _with_shard(chunk: pa.Table) -> pa.Table:
+    """A chunk written before results carried `shard` (a run resumed across the upgrade): shard -1."""
+    if "shard" in chunk.column_names:
+        return chunk
+    return chunk.append_column("shard", pa.array(np.full(chunk.num_rows, -1, np.int32))).cast(RESULT_SCHEMA)
+
+
 def finish_part(out: Location, part: int, rows: int) -> QueryPartStats:
     """Merge a whole part's chunks into its result and failure files, then write its stats marker."""
     folder = (CHUNKS, part_file(part, "d"))
     markers = sorted(n for n in out.list_names(*folder) if n.endswith(".json"))
     chunks = [out.read_json(*folder, n) for n in markers]
-    results = [out.read_parquet(*folder, n.replace(".json", ".results.parquet")) for n in markers]
+    results = [_with_shard(out.read_parquet(*folder, n.replace(".json", ".results.parquet"))) for n in markers]
     failures = [out.read_parquet(*folder, n.replace(".json", ".failures.parquet")) for n in markers]
     results = pa.concat_tables(results, promote_options="none").sort_by([("query_id", "ascending"), ("rank", "ascending")]) \
         if results else RESULT_SCHEMA.empty_table()

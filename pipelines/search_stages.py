@@ -8,10 +8,12 @@ PQ top-`depth` merged over the groups so far. With an exact re-score, the shortl
 after the last PQ stage, so that stage also re-scores the candidates its own shards hold, and
 further stages (grouped by the 8 B per image of sorted ids they keep) re-score the rest from the
 shards' vector files, read row by row from local copies. The last stage orders and cuts to
-`search.top_k`: the ids and scores of one process searching every shard (IndexSearcher).
+`search.top_k`: the ids and scores of one process searching every shard (IndexSearcher), and
+`knn_shards`, the shard where each id is live (its PQ search returned it), carried beside the ids
+through every merge: the fetch stage reads a candidate's catalog row from that shard's catalog file.
 
 A version built before shards had vector files, searched with a re-score, runs the old way:
-one stage whose actors hold every shard and every vector.
+one stage whose actors hold every shard and every vector (and write no `knn_shards`).
 
 Tombstones (ids an update deleted or changed since a shard was built) are filtered by the stage
 holding the shard; a stage's memory counts them (`storage.search.shard_bytes`), so the groups
@@ -89,7 +91,8 @@ def plan_search(manifest: Manifest, search) -> SearchPlan:
 
 def add_search_stages(ds: "ray.data.Dataset", plan: SearchPlan, index_uri: str, version: str,
                       storage_options: dict, batch_size: int) -> "ray.data.Dataset":
-    """Embedded query rows (`embedding`, `ok`) in; the same rows with `knn_ids` / `knn_scores` out."""
+    """Embedded query rows (`embedding`, `ok`) in; the same rows with `knn_ids` / `knn_scores` out, and
+    `knn_shards` (B, top_k) int64 unless the plan is legacy."""
     def common() -> dict:
         return dict(batch_size=batch_size, batch_format="numpy", num_cpus=plan.num_cpus,
                     compute=ray.data.ActorPoolStrategy(size=plan.concurrency))

@@ -1,5 +1,8 @@
 """The catalog partitioned by image id, so that a candidate's row is found by reading one small file.
 
+Used by the rerank job for versions whose shards have no catalog files (built before them); versions
+built since keep each shard's catalog rows beside it (storage/shard_catalog.py).
+
 The index's catalog parts are in listing order: finding the rows of 400 candidate ids there
 means reading the whole catalog, which is why the first release loaded it whole into every
 re-rank actor. Here the live rows (see pipelines.catalog_buckets: tombstoned rows are dropped, so

@@ -127,12 +127,20 @@ def index_from_bytes(data: bytes) -> "faiss.Index":
 
 def merge_topk(scores: list[np.ndarray], ids: list[np.ndarray], k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-shard (nq, k_i) results into the global top-k (ids -1 mark empty slots)."""
+    return merge_topk_tagged(scores, ids, None, k, metric)[:2]
+
+
+def merge_topk_tagged(scores: list[np.ndarray], ids: list[np.ndarray], tags: list[np.ndarray] | None, k: int,
+                      metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`merge_topk`, carrying a tag per result (the shard that returned it) through the same order:
+    the tags come out where their ids do, so the merged ids and tags stay aligned."""
     all_scores = np.concatenate(scores, axis=1)
     all_ids = np.concatenate(ids, axis=1)
     worst = -np.inf if metric == "ip" else np.inf
     all_scores = np.where(all_ids < 0, worst, all_scores)
     order = np.argsort(-all_scores if metric == "ip" else all_scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1)
+    merged_tags = None if tags is None else np.take_along_axis(np.concatenate(tags, axis=1), order, 1)
+    return np.take_along_axis(all_scores, order, 1), np.take_along_axis(all_ids, order, 1), merged_tags
 
 
 def stored_ids(index: "faiss.Index") -> np.ndarray:

@@ -83,11 +83,18 @@ def plan_groups(shards: list[ShardRef], max_bytes: int | None, max_shards: int |
 
 def exact_order(exact: np.ndarray, ids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Candidates ordered by their exact scores; NaN (no vector found) and -1 go last, as id -1."""
+    return exact_order_tagged(exact, ids, None, metric)[:2]
+
+
+def exact_order_tagged(exact: np.ndarray, ids: np.ndarray, tags: np.ndarray | None,
+                       metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`exact_order`, carrying each candidate's tag (its shard) along; -1 where the id becomes -1."""
     valid = (ids >= 0) & ~np.isnan(exact)
     worst = -np.inf if metric == "ip" else np.inf
     exact = np.where(valid, exact, worst).astype(np.float32)
     order = np.argsort(-exact if metric == "ip" else exact, axis=1, kind="stable")
-    return np.take_along_axis(exact, order, 1), np.take_along_axis(np.where(valid, ids, -1), order, 1)
+    ordered_tags = None if tags is None else np.take_along_axis(np.where(valid, tags, -1), order, 1)
+    return np.take_along_axis(exact, order, 1), np.take_along_axis(np.where(valid, ids, -1), order, 1), ordered_tags
 
 
 def load_shard(location: Location, ref: FileRef, cache_dir: str | None = None):
@@ -206,6 +213,11 @@ class ShardGroup:
     def live(self) -> int:
         """Vectors the group's search can return."""
         return self.ntotal - sum(len(d.ids) for d in self.dead)
+
+    def shard_tags(self, ids: list[np.ndarray]) -> list[np.ndarray]:
+        """For `search`'s per-shard id lists: the shard number (`ShardRef.shard`) that returned each id,
+        -1 for an empty slot. A shard never returns an id it has tombstoned: the tag names where it is live."""
+        return [np.where(i >= 0, ref.shard, -1).astype(np.int64) for ref, i in zip(self.refs, ids)]
 
     def search(self, queries: np.ndarray, depth: int, nprobe: int | None) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Per-shard top-`depth` (scores, ids) lists of live vectors, in shard order, for `merge_topk`."""

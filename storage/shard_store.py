@@ -1,7 +1,8 @@
 """Build one index version's FAISS files from its float16 embeddings parts.
 
 `train_version` writes `trained.faiss` and then `trained.json` (its `TrainedRef`); `build_shard`
-writes `shards/shard-NNNNN.faiss` and then `shards/shard-NNNNN.json` (its `ShardRef`), whose
+writes `shards/shard-NNNNN.faiss` (with its sorted ids, vectors and catalog rows beside it) and then
+`shards/shard-NNNNN.json` (its `ShardRef`), whose
 presence marks the shard done (so a re-run rebuilds only shards without a marker). Both read
 their inputs by reference, verified: a nightly update builds delta shards on the live version's
 trained index from parts in its own folder, a compaction from parts in earlier folders. Plain functions: the job runs them as
@@ -16,6 +17,7 @@ from mllm_index.storage.catalog import embeddings_from_table
 from mllm_index.storage.contracts import FileRef, ShardRef, TrainedRef, read_contract, version_file, write_contract
 from mllm_index.storage.integrity import digest, load_faiss_verified, read_verified_parquet
 from mllm_index.storage.faiss_store import add_vectors, index_to_bytes, train_index
+from mllm_index.storage.shard_catalog import catalog_siblings, write_shard_catalog
 from mllm_index.storage.shard_vectors import write_shard_vectors
 from mllm_index.storage.uris import Location
 
@@ -80,13 +82,19 @@ def trained_ref(index: Location, version_name: str) -> TrainedRef | None:
 
 
 def build_shard(index: Location, version_name: str, shard: int, parts: list[int], use_gpu: bool,
-                trained: FileRef | None = None, embeddings: list[FileRef] | None = None, delta: bool = False) -> ShardRef:
+                trained: FileRef | None = None, embeddings: list[FileRef] | None = None, delta: bool = False,
+                catalog: list[FileRef] | None = None, with_catalog: bool = True) -> ShardRef:
     """The trained index (this version's, or `trained` from another folder: an update's delta shards
     go on the live training) + all vectors of `parts` (`embeddings`: their files, wherever they are);
-    writes the shard into this version's folder, then its marker."""
+    writes the shard into this version's folder, then its marker.
+
+    With the shard go its catalog rows (storage/shard_catalog.py), from `catalog` (the parts' catalog
+    files) or, by default, the catalog part beside each embeddings part; `with_catalog=False` for
+    vectors published without a catalog (`publish_vectors`)."""
     version = index.child("versions", version_name)
     trained_index = load_faiss_verified(index, trained or trained_ref(index, version_name).file)
     refs = embeddings if embeddings is not None else list(own_parts(version_name, parts).values())
+    catalog_refs = (catalog if catalog is not None else catalog_siblings(refs)) if with_catalog else None
     ids, vecs = [], []
     for ref in refs:
         part_ids, part_vecs = embeddings_from_table(read_verified_parquet(index, ref))
@@ -99,10 +107,13 @@ def build_shard(index: Location, version_name: str, shard: int, parts: list[int]
         filled = add_vectors(trained_index, ids, vecs.astype(np.float32), use_gpu=use_gpu)
     # The shard's ids and float16 vectors sorted by id: an exact re-score reads only its shortlist's rows.
     ids_ref, vectors_ref = write_shard_vectors(version, version_name, shard, ids, vecs)
+    del vecs
+    # Its catalog rows, checked to be exactly its ids: a candidate's row is read from the shard that returned it.
+    catalog_ref = write_shard_catalog(index, version_name, shard, catalog_refs, ids) if catalog_refs is not None else None
     data = index_to_bytes(filled)
     version.write_bytes(data, "shards", shard_file(shard))
     ref = ShardRef(file=digest(version_file(version_name, "shards", shard_file(shard)), data), shard=shard, parts=parts,
-                   ntotal=int(filled.ntotal), ids=ids_ref, vectors=vectors_ref, delta=delta)
+                   ntotal=int(filled.ntotal), ids=ids_ref, vectors=vectors_ref, delta=delta, catalog=catalog_ref)
     write_contract(version, ref, "shards", shard_file(shard, "json"))  # the shard's done marker
     return ref
 
@@ -144,7 +155,7 @@ def publish_vectors(index: Location, ids: np.ndarray, vectors: np.ndarray, facto
                             seed=0, use_gpu=True, refs=refs)
     parts = sorted(counts)
     groups = [parts[i : i + parts_per_shard] for i in range(0, len(parts), parts_per_shard)]
-    shards = [build_shard(index, name, s, group, use_gpu=True, embeddings=[refs[p] for p in group])
+    shards = [build_shard(index, name, s, group, use_gpu=True, embeddings=[refs[p] for p in group], with_catalog=False)
               for s, group in enumerate(groups)]
     publish(index, Manifest(version=name, parent=index.read_json("versions", name, "run.json").get("parent"),
                             metric=metric, dim=int(vectors.shape[1]), factory=factory, shards=shards,

@@ -5,7 +5,8 @@ the largest file, not the version), checked against its recorded size and sha256
 parsed as what it is: FAISS indexes load and hold the vectors the manifest says, Parquet parts
 have their columns, codebooks are plain arrays, a shard's tombstones are sorted, name only ids the
 shard holds (when it has an ids file) and parts it was built from, as many as the manifest's
-`tombstoned`. The counts must reconcile: vectors in the shards = rows of embeddings = rows of
+`tombstoned`, and a shard's catalog file (storage/shard_catalog.py) holds exactly the shard's ids
+(its ids file, or the FAISS shard's ids) in order. The counts must reconcile: vectors in the shards = rows of embeddings = rows of
 catalog = the manifest's `indexed` + tombstoned (tombstoned rows stay in their parts until
 compaction), failure rows = `failed`, and seen = indexed + failed + skipped. Only counts travel
 between files, never ids (a shard's tombstones are checked against that shard's ids alone), so
@@ -24,6 +25,7 @@ import pyarrow.parquet as pq
 
 from mllm_index.storage.contracts import FileRef, Manifest, ShardRef
 from mllm_index.storage.integrity import IntegrityError, read_verified, where
+from mllm_index.storage.shard_catalog import COLUMNS as SHARD_CATALOG_COLUMNS
 from mllm_index.storage.shard_vectors import load_ids
 from mllm_index.storage.tombstones import is_in, read_tombstone_file
 from mllm_index.storage.uris import Location, redact
@@ -76,10 +78,42 @@ def _check_tombstones(index: Location, shard: ShardRef) -> tuple[int, int]:
     return len(ids), read
 
 
+def _shard_ids(index: Location, shard: ShardRef) -> tuple[np.ndarray, int]:
+    """(the shard's sorted ids, bytes read): its ids file, or the FAISS shard's own ids."""
+    if shard.ids is not None:
+        return load_ids(index, shard.ids), shard.ids.bytes or 0
+    from mllm_index.storage.faiss_store import stored_ids
+    from mllm_index.storage.integrity import load_faiss_verified
+
+    return np.sort(stored_ids(load_faiss_verified(index, shard.file))), shard.file.bytes or 0
+
+
+def _check_shard_catalog(index: Location, shard: ShardRef) -> tuple[int, int]:
+    """(0, bytes read) of a shard's catalog file: checksum, columns, and image_id equal to the shard's
+    ids in their order (a lookup trusts the shard the search names to hold the id's row)."""
+    ref = shard.catalog
+    data = read_verified(index, ref)
+    at = where(index, ref)
+    try:
+        table = pq.read_table(io.BytesIO(data), columns=SHARD_CATALOG_COLUMNS)
+    except Exception as exc:  # Arrow says what is wrong in its own words
+        raise IntegrityError(f"{at}: not a readable shard catalog ({str(exc).splitlines()[0][:200]})") from None
+    got = table.column("image_id").to_numpy()
+    want, read = _shard_ids(index, shard)
+    if not np.array_equal(got, want):
+        differ = np.flatnonzero(got[: len(want)] != want[: len(got)])
+        first = f"; first difference at row {int(differ[0])}" if len(differ) else ""
+        raise IntegrityError(f"{at}: its image_id column ({len(got)} rows) is not shard {shard.shard}'s ids ({len(want)}) in "
+                             f"order{first}: a candidate's catalog row would be missing or another image's")
+    return 0, len(data) + read
+
+
 def _check_file(index: Location, ref: FileRef, kind: str, manifest: Manifest, shard: ShardRef | None = None) -> tuple[int, int]:
     """(rows or vectors it holds, bytes read); IntegrityError naming the file if it does not verify."""
     if kind == "tombstones":
         return _check_tombstones(index, shard)
+    if kind == "shard_catalog":
+        return _check_shard_catalog(index, shard)
     data = read_verified(index, ref)
     try:
         if kind in ("trained", "shard"):
@@ -113,6 +147,7 @@ def verify_version(index: Location, version: str, threads: int = 8) -> VersionCh
     jobs = [(manifest.trained, "trained"), *((s.file, "shard") for s in manifest.shards),
             *((f, "array") for s in manifest.shards for f in (s.ids, s.vectors) if f is not None),
             *((s.tombstones, "tombstones", s) for s in manifest.shards if s.tombstones is not None),
+            *((s.catalog, "shard_catalog", s) for s in manifest.shards if s.catalog is not None),
             *((r, "embeddings") for r in manifest.embeddings), *((r, "catalog") for r in manifest.catalog),
             *((r, "failures") for r in manifest.failures),
             *((r, "array") for r in (manifest.model.files.values() if manifest.model else []))]

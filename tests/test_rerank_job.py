@@ -17,12 +17,14 @@ from mllm_index.configs.schema import ConfigError, IndexJobConfig, RerankJobConf
 from mllm_index.pipelines.demo import bundled_photos
 from mllm_index.pipelines.evaluate import evaluate
 from mllm_index.pipelines.index import run_index
+from mllm_index.pipelines.report import candidate_rows, write_report
 from mllm_index.pipelines.rerank import RESULT_SCHEMA, run_rerank
 from mllm_index.pipelines.summaries import format_rerank
 from mllm_index.pipelines.tiny_models import BUILDERS
 from mllm_index.storage.catalog import image_id
 from mllm_index.storage.ground_truth import write_ground_truth
 from mllm_index.storage.uris import Location
+from mllm_index.storage.versions import read_manifest
 
 pytestmark = pytest.mark.e2e
 TOP_K, DEPTH, MAX_PIXELS = 6, 4, 112 * 112
@@ -158,6 +160,10 @@ def test_rerank_end_to_end(setup, planted_vlm):
 
     assert_scores_are_the_models(by_query, setup, planted_vlm)
     missing_id = image_id(setup["source"], setup["missing"])
+    # Built with catalog files by shard: no per-run copy of the catalog, and each result names its shard.
+    index = Location(setup["index_uri"], setup["options"])
+    assert all(s.catalog is not None for s in read_manifest(index, summary.index_version).shards)
+    assert not out.exists("catalog_by_id") and all(r["shard"] >= 0 for r in rows)
 
     failures = pa.concat_tables([out.read_parquet("failures", n) for n in out.list_names("failures")]).to_pylist()
     hits = [f for f in failures if f["image_id"] == missing_id]
@@ -174,6 +180,12 @@ def test_rerank_end_to_end(setup, planted_vlm):
     knn_all = next(r for r in report["rows"] if r["condition"] == "all" and r["ranking"] == "knn")
     assert knn_all["queries"] == 4 and 0.5 < knn_all["AP"] <= 1.0  # the backbone finds the near-duplicates
     assert out.exists("evaluation.json")
+    # The report finds the shown candidates' rows in the shards' catalogs (no catalog_by_id to fall back on).
+    shown = {r["image_id"]: r["shard"] for r in rows}
+    found = candidate_rows(out, index, summary.index_version, shown)
+    assert [f and f["key"] for f in found] == [next(r["key"] for r in rows if r["image_id"] == i) for i in sorted(shown)]
+    assert write_report(out_uri, storage_options=setup["options"]).endswith("report.html")
+    assert "data:image/jpeg;base64," in out.read_text("report.html") and not out.exists("catalog_by_id")
 
     # Interrupted run: part 1 lost its output and marker; the re-run redoes only that part.
     before = read_results(out).sort_by([("query_id", "ascending"), ("rank", "ascending")])
@@ -219,6 +231,19 @@ def test_knn_only_run_and_model_mismatch(setup, tiny_clip):
     assert summary.reranker == "knn" and summary.pairs_scored_this_run == 0 and summary.scoring is None
     rows = read_results(Location(out_uri, setup["options"])).to_pylist()
     assert all(r["rank"] == r["knn_rank"] and np.isnan(r["rerank_score"]) for r in rows)
+    # A version whose shards have no catalog files (built before them) keeps the per-run catalog by id.
+    index = Location(setup["index_uri"], setup["options"])
+    live = read_manifest(index)
+    old = live.model_copy(update={"version": "v000002", "shards": [s.model_copy(update={"catalog": None})
+                                                                   for s in live.shards]})
+    index.write_json(old.model_dump(mode="json"), "versions", "v000002", "manifest.json")  # published, not LATEST
+    old_uri = f"s3://{setup['bucket']}/runs/knn-old-version"
+    run_rerank(rerank_config(setup, old_uri, None, index_version="v000002"))
+    old_out = Location(old_uri, setup["options"])
+    assert old_out.exists("catalog_by_id", "index.json")
+    row_of = lambda r: (r["query_key"], r["rank"], r["image_id"], r["key"], r["uri"])  # noqa: E731
+    assert sorted(map(row_of, read_results(old_out).to_pylist())) == sorted(map(row_of, rows))
+    write_report(old_uri, storage_options=setup["options"])
     with pytest.raises(ConfigError, match="was built with"):
         run_rerank(rerank_config(setup, f"s3://{setup['bucket']}/runs/other", None, query_model=tiny_clip))
 

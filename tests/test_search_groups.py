@@ -61,8 +61,26 @@ def run_stages(root: Location, search: SearchConfig, queries: np.ndarray, ok: np
         step = [7, 13, 40][j % 3]
         batches = [actor({k: v[a : a + step] for k, v in rows.items()}) for a in range(0, len(queries), step)]
     out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
-    assert set(out) == {"ok", "row", "knn_ids", "knn_scores"}  # running columns and the embedding are gone
+    assert set(out) == {"ok", "row", "knn_ids", "knn_scores", "knn_shards"}  # running columns and the embedding are gone
+    assert_shards_hold_live(root, manifest, out["knn_ids"], out["knn_shards"])
     return out
+
+
+def assert_shards_hold_live(root: Location, manifest, ids: np.ndarray, shards: np.ndarray) -> None:
+    """`knn_shards` names, for each returned id, a shard that stores it and has not tombstoned it
+    (-1 exactly where no id was returned): the shard whose catalog file holds the id's live row."""
+    from mllm_index.storage.tombstones import shard_tombstoned_ids
+
+    assert shards.shape == ids.shape and shards.dtype == np.int64
+    np.testing.assert_array_equal(shards == -1, ids == -1)
+    for ref in manifest.shards:
+        mine = shards == ref.shard
+        stored = load_ids(root, ref.ids) if ref.ids is not None else None
+        dead = shard_tombstoned_ids(root, ref) if ref.tombstones is not None else np.zeros(0, np.int64)
+        if stored is not None:
+            assert np.isin(ids[mine], stored).all(), ref.shard
+        assert not np.isin(ids[mine], dead).any(), ref.shard
+    assert np.isin(shards[shards >= 0], [s.shard for s in manifest.shards]).all()
 
 
 def reference(root: Location, queries: np.ndarray, ok: np.ndarray, top_k: int, nprobe: int, rescore: int):
@@ -277,3 +295,4 @@ def test_search_stages_on_ray_data(index, ray_session):
     np.testing.assert_array_equal(got_ids[ok], want_ids)
     np.testing.assert_allclose(got_scores[ok], want_scores, rtol=0, atol=1e-6)
     assert (got_ids[~ok] == -1).all()
+    assert_shards_hold_live(root, manifest, got_ids, np.stack([r["knn_shards"] for r in rows]))

@@ -19,15 +19,16 @@ import pytest
 from mllm_index.actors.search import SearchShardGroup
 from mllm_index.configs.schema import SearchConfig
 from mllm_index.pipelines import catalog_buckets
-from mllm_index.storage import tombstones
+from mllm_index.storage import shard_catalog, tombstones
 from mllm_index.storage.catalog import CATALOG_SCHEMA, embeddings_table
 from mllm_index.storage.catalog_index import write_bucket
 from mllm_index.storage.contracts import Counts, FileRef, ShardRef, version_file
 from mllm_index.storage.faiss_store import add_vectors, index_to_bytes
 from mllm_index.storage.integrity import IntegrityError, digest, load_faiss_verified, write_parquet_ref
 from mllm_index.storage.search import Catalog, IndexSearcher, ShardGroup
+from mllm_index.storage.shard_catalog import ShardCatalogs, write_shard_catalog
 from mllm_index.storage.shard_store import part_file, publish_vectors, shard_file
-from mllm_index.storage.shard_vectors import ShardRescorer, pair_scores, write_shard_vectors
+from mllm_index.storage.shard_vectors import ShardRescorer, load_ids, pair_scores, write_shard_vectors
 from mllm_index.storage.synthetic import clustered_vectors
 from mllm_index.storage.tombstones import (TOMBSTONE_SCHEMA, PartFilter, id_selector, live_mask, read_tombstones,
                                            search_params, write_tombstones)
@@ -37,6 +38,7 @@ from mllm_index.storage.versions import publish, read_manifest
 from test_search_groups import run_stages
 
 DIM, N, PART = 32, 4000, 500  # 8 parts, 2 per shard: 4 shards
+ROW_GROUP = 64  # rows per row group of the shards' catalog files: 16 per base shard
 
 
 def catalog_part(ids: np.ndarray, part: int, source: str) -> pa.Table:
@@ -60,7 +62,11 @@ class Gallery:
         refs = [write_parquet_ref(root, version_file(base.version, "catalog", part_file(p)),
                                   catalog_part(ids[p * PART : (p + 1) * PART], p, "s3://old"))
                 for p in range(N // PART)]
-        self.base = publish(root, base.model_copy(update={"catalog": refs}))
+        # each shard's catalog rows beside it, as build_shard writes them (publish_vectors has no catalog)
+        shards = [s.model_copy(update={"catalog": write_shard_catalog(root, base.version, s.shard, [refs[p] for p in s.parts],
+                                                                      load_ids(root, s.ids), ROW_GROUP)})
+                  for s in base.shards]
+        self.base = publish(root, base.model_copy(update={"catalog": refs, "shards": shards}))
         part_of = dict(zip(ids.tolist(), (np.arange(N) // PART).tolist()))
 
         # the base's exact top results: deleting and changing some of them is what a reader could get wrong
@@ -105,7 +111,8 @@ class Gallery:
         version.write_bytes(data, "shards", shard_file(delta_no))
         ids_ref, vec_ref = write_shard_vectors(version, name, delta_no, delta_ids, delta_x)
         delta = ShardRef(file=digest(version_file(name, "shards", shard_file(delta_no)), data), shard=delta_no,
-                         parts=[new_part], ntotal=len(delta_ids), ids=ids_ref, vectors=vec_ref, delta=True)
+                         parts=[new_part], ntotal=len(delta_ids), ids=ids_ref, vectors=vec_ref, delta=True,
+                         catalog=write_shard_catalog(root, name, delta_no, [cat], delta_ids, ROW_GROUP))
         shards = []
         for shard in self.base.shards:
             dead = [i for i in self.tombstoned.tolist() if part_of[i] in shard.parts]
@@ -335,6 +342,16 @@ def test_catalog_bucket_task_reads_only_its_part_shard_tombstones(pq, monkeypatc
         assert [u.split("/shard-")[0] for u in table.column("uri").to_pylist()] == expected_rows(pq, ids)
 
 
+def live_shard(g: Gallery, manifest) -> dict[int, int]:
+    """id -> the shard where it is live (stored and not tombstoned), from the shards' ids files."""
+    out = {}
+    for s in manifest.shards:
+        ids = load_ids(g.root, s.ids)
+        dead = tombstones.shard_tombstoned_ids(g.root, s) if s.tombstones else np.zeros(0, np.int64)
+        out.update(dict.fromkeys(ids[~np.isin(ids, dead)].tolist(), s.shard))
+    return out
+
+
 def test_catalog_buckets_on_ray_hold_one_live_row_per_id(pq, tmp_path, ray_session):
     manifest = read_manifest(pq.root, pq.version)
     dest = Location(str(tmp_path / "run"))
@@ -342,6 +359,64 @@ def test_catalog_buckets_on_ray_hold_one_live_row_per_id(pq, tmp_path, ray_sessi
     assert dest.read_json("catalog_by_id", "index.json")["rows"] == manifest.live
     probe = np.r_[pq.changed, pq.deleted, pq.added, pq.live_ids[::40]]
     assert [r and r["uri"].split("/shard-")[0] for r in buckets.lookup(probe)] == expected_rows(pq, probe)
+
+    # The shards' catalog files give the same row as the per-run buckets for every live id, looked up
+    # in the shard where it is live (a changed id's old shard still holds its old row, tombstoned).
+    catalogs = ShardCatalogs(pq.root, manifest.shards)
+    where = live_shard(pq, manifest)
+    assert sorted(where) == pq.live_ids.tolist()
+    shards = np.array([where[i] for i in pq.live_ids.tolist()], np.int64)
+    want = buckets.lookup(pq.live_ids)
+    assert all(w is not None for w in want) and catalogs.lookup(pq.live_ids, shards) == want
+    # ... and for the ids and shards the search reports
+    out = run_stages(pq.root, SearchConfig(top_k=20, nprobe=8, rescore=40, shards_per_actor=2), pq.queries,
+                     np.ones(len(pq.queries), bool), pq.version)
+    got = catalogs.lookup(out["knn_ids"].ravel(), out["knn_shards"].ravel())
+    assert got == buckets.lookup(out["knn_ids"].ravel()) and all(r is not None for r in got)
+    changed = np.isin(out["knn_ids"].ravel(), pq.changed)
+    assert changed.any() and all(r["uri"].startswith("s3://new") for r, c in zip(got, changed) if c)
+
+
+def test_shard_catalogs_read_one_row_group_per_wanted_id(pq, monkeypatch):
+    import pyarrow.parquet as pq_files
+
+    manifest = read_manifest(pq.root, pq.version)
+    by_number = {s.shard: s for s in manifest.shards}
+    ok = np.ones(4, bool)
+    out = run_stages(pq.root, SearchConfig(top_k=5, nprobe=8, shards_per_actor=3), pq.queries[:4], ok, pq.version)
+    ids, shards = out["knn_ids"].ravel(), out["knn_shards"].ravel()
+    # the row groups holding them, from each file's own statistics
+    wanted, sizes, groups_in = set(), {}, {}
+    for s in np.unique(shards):
+        ref = by_number[int(s)].catalog
+        meta = pq_files.ParquetFile(pq.root.path(ref.path)).metadata
+        sizes[ref.path], groups_in[int(s)] = ref.bytes, meta.num_row_groups
+        stats = [meta.row_group(g).column(0).statistics for g in range(meta.num_row_groups)]
+        for i in ids[shards == s].tolist():
+            wanted.add((int(s), next(g for g, st in enumerate(stats) if st.min <= i <= st.max)))
+    assert len(wanted) < sum(groups_in.values()) / 2  # the test is selective: most row groups are not wanted
+
+    reads = []
+    original = shard_catalog._read_range
+    monkeypatch.setattr(shard_catalog, "_read_range", lambda index, ref, a, b: reads.append((ref.path, a, b))
+                        or original(index, ref, a, b))
+    shard_catalog._FOOTERS.clear()
+    catalogs = ShardCatalogs(pq.root, manifest.shards)
+    rows = catalogs.lookup(ids, shards)
+    assert [r["image_id"] for r in rows] == ids.tolist()
+    assert catalogs.row_groups_read == len(wanted) and catalogs.footers_read == len(sizes)
+    group_reads = [(p, a, b) for p, a, b in reads if b != sizes[p]]  # a footer read ends at the file's end
+    assert 0 < len(group_reads) <= len(wanted)  # one read per run of adjacent wanted row groups
+    assert sum(b - a for _, a, b in group_reads) < sum(sizes.values()) / 2
+    # a second lookup in this process reads no footer again (bounded LRU), only the row groups
+    reads.clear()
+    again = ShardCatalogs(pq.root, manifest.shards)
+    assert again.lookup(ids, shards) == rows and again.footers_read == 0 and len(reads) == len(group_reads)
+    # unknown ids, -1 and a shard without a catalog file give None; a footer that disagrees with the shard is refused
+    assert again.lookup(np.array([5, -1, ids[0]]), np.array([shards[0], 0, 99])) == [None, None, None]
+    wrong = by_number[int(shards[0])].model_copy(update={"ntotal": by_number[int(shards[0])].ntotal + 1})
+    with pytest.raises(IntegrityError, match="the shard holds"):
+        ShardCatalogs(pq.root, [wrong]).lookup(ids[:1], shards[:1])
 
 
 def test_a_bucket_with_two_rows_for_an_id_is_refused(tmp_path):

@@ -104,6 +104,60 @@ def test_a_format_1_version_verifies_by_size_and_structure(tmp_path, capsys):
         IndexSearcher(old.uri)
 
 
+def with_shard_catalogs(index: Location) -> str:
+    """The fixture's version with catalog parts and each shard's catalog file, as the index job writes
+    them (publish_vectors writes neither); published as v000002."""
+    import pyarrow as pa
+
+    from mllm_index.storage.catalog import CATALOG_SCHEMA, embeddings_from_table
+    from mllm_index.storage.contracts import version_file
+    from mllm_index.storage.integrity import read_verified_parquet, write_parquet_ref
+    from mllm_index.storage.shard_catalog import write_shard_catalog
+    from mllm_index.storage.shard_vectors import load_ids
+    from mllm_index.storage.versions import publish
+
+    manifest = read_manifest(index)
+    catalog = []
+    for ref in manifest.embeddings:
+        ids = embeddings_from_table(read_verified_parquet(index, ref))[0]
+        n = len(ids)
+        table = pa.table({"image_id": ids, "key": [f"k{i}" for i in ids.tolist()], "uri": ["s3://b/g.tar"] * n,
+                          "kind": ["tar"] * n, "offset": np.arange(n, dtype=np.int64), "length": np.ones(n, np.int64),
+                          "etag": ["e"] * n, "width": np.ones(n, np.int32), "height": np.ones(n, np.int32)},
+                         schema=CATALOG_SCHEMA)
+        catalog.append(write_parquet_ref(index, version_file("v000001", "catalog", ref.name), table))
+    shards = [s.model_copy(update={"catalog": write_shard_catalog(index, "v000002", s.shard, [catalog[p] for p in s.parts],
+                                                                  load_ids(index, s.ids), row_group=100)})
+              for s in manifest.shards]
+    publish(index, manifest.model_copy(update={"version": "v000002", "shards": shards, "catalog": catalog}))
+    return "v000002"
+
+
+def test_a_damaged_or_wrong_shard_catalog_is_caught(index):
+    from mllm_index.storage.integrity import write_ref
+    from mllm_index.storage.shard_catalog import write_shard_catalog
+    from mllm_index.storage.versions import publish
+
+    version = with_shard_catalogs(index)
+    manifest = read_manifest(index, version)
+    check = verify_version(index, version)
+    assert check.ok and check.files == len(manifest.files()), check.problems
+    # The writer refuses catalog rows that are not exactly the shard's ids.
+    with pytest.raises(IntegrityError, match="not exactly the shard's ids"):
+        write_shard_catalog(index, version, 0, manifest.catalog[:1], np.arange(5, dtype=np.int64))
+    # Another shard's rows under this shard's name, with their own (valid) checksum: the ids do not match.
+    first, second = manifest.shards[0], manifest.shards[1]
+    data = index.read_bytes(second.catalog.path)
+    wrong = first.model_copy(update={"catalog": write_ref(index, "versions/v000003/shards/wrong.catalog.parquet", data)})
+    publish(index, manifest.model_copy(update={"version": "v000003", "shards": [wrong, *manifest.shards[1:]]}))
+    problems = verify_version(index, "v000003").problems
+    assert len(problems) == 1 and "wrong.catalog.parquet" in problems[0] and "is not shard 0's ids" in problems[0], problems
+    # A changed row (its bytes flipped) fails its checksum, the file named.
+    flip(local(index, second.catalog.path), 300, 330)
+    problems = verify_version(index, version).problems
+    assert len(problems) == 1 and second.catalog.path in problems[0] and "sha256" in problems[0], problems
+
+
 def test_verify_exits_1_for_an_unknown_version(index, capsys):
     assert run_verify(index.uri, "--version", "v000009") == 1
     assert "v000009" in capsys.readouterr().out
@@ -128,9 +182,10 @@ def test_a_job_never_publishes_a_version_whose_files_are_gone_and_a_rerun_redoes
     index = Location(cfg.index.uri)
     real = build.build_index
 
-    def lose_a_part(b, parts, factory):  # the storage loses a finished part while the shards are built
+    def lose_a_part(b, parts, factory):  # the storage loses a finished part once the shards are built from it
+        made = real(b, parts, factory)   # (lost before, the shard build itself fails on it: the shard catalog reads it)
         local(index, parts[1].files["catalog"].path).unlink()
-        return real(b, parts, factory)
+        return made
 
     monkeypatch.setattr(build, "build_index", lose_a_part)
     with pytest.raises(JobError, match=r"not publishing v000001: 1 referenced file\(s\).*catalog/part-00001.parquet: missing"):
