@@ -37,13 +37,14 @@ from mllm_index.storage.contracts import FileRef, Manifest, Plan, UpdateCounts, 
 from mllm_index.storage.integrity import read_verified_parquet
 from mllm_index.storage.key_index import (CONTAINER_SCHEMA, KEY_SCHEMA, bucket_file, bucket_of, containers_table, key_bucket,
                                           write_checksummed)
-from mllm_index.storage.key_runs import KeyLayout, runs_by_bucket
+from mllm_index.storage.key_runs import BucketRuns, KeyLayout, runs_by_bucket
 from mllm_index.storage.sources import SourceSpec, classify, classify_all, scan_container, source_info
 from mllm_index.storage.retry import with_retries
 from mllm_index.storage.tombstones import part_number
 from mllm_index.storage.uris import Location, redact, redact_text
 
 DIRS_PER_TASK = 16  # directories one listing task lists (a deep tree of small folders: fewer, larger tasks)
+REBUCKET = 2  # an update re-buckets the key index once the gallery has this many times run.key_bucket_rows per bucket
 
 
 # -- tasks --------------------------------------------------------------------------------------------
@@ -95,6 +96,9 @@ def _read_source(dest: Location, index: Location | None, mode: str, item, contai
     """Rows to shuffle, keyed by `key`: a listing file; a live catalog part (its key rows); a live failures part."""
     if mode == "entries":
         return dest.read_parquet(SCRATCH, "entries", item), set()
+    if mode == "keys":  # one bucket of a key index being re-bucketed: its live rows
+        return BucketRuns([FileRef.model_validate(f) for f in item[0]], [FileRef.model_validate(f) for f in item[1]]).live_rows(
+            index, KEY_SCHEMA)[0], set()
     ref, part = FileRef.model_validate(item[0]), item[1]
     if mode == "catalog":
         table = read_verified_parquet(index, ref, columns=["key", "etag", "length", "image_id", "uri"])
@@ -250,11 +254,18 @@ def _plan(dest: Location, spec: SourceSpec, part_size: int, ref_prefix: str, buc
     buckets = live.key_buckets if live is not None and live.key_buckets else 0
     limit = max(1, bucket_rows)
     failed_containers: set[str] = set()
+    runs = runs_by_bucket(live.keys, live.key_removed, bucket_of) if live is not None else {}
+    scratch = False  # the live key rows are shuffled into listing/live/ (a new key index is written whole)
     if live is not None and not buckets:
-        buckets = max(1, math.ceil(live.counts.seen / limit))
+        buckets, scratch = max(1, math.ceil(live.counts.seen / limit)), True
         refs = [(r.model_dump(), part_number(r)) for r in live.catalog]
         _shuffle(dest, index, "catalog", refs, [part_size] * len(refs), buckets, "live", limit)
-    elif live is not None:
+    elif live is not None and live.counts.seen > REBUCKET * buckets * limit:  # the gallery outgrew its buckets
+        old, buckets, scratch = runs, max(1, math.ceil(live.counts.seen / limit)), True
+        items = [([f.model_dump() for f in r.files], [f.model_dump() for f in r.removed]) for r in old.values()]
+        _shuffle(dest, index, "keys", items, [limit] * len(items), buckets, "live", limit)
+        runs = {}
+    if live is not None and not (scratch and not live.key_buckets):  # failed images are retried (a key index has them)
         failed_parts = None if live.failed_parts is None else set(live.failed_parts)  # None: not recorded, read all
         refs = [(r.model_dump(), part_number(r)) for r in live.failures
                 if r.name.startswith("part-") and (failed_parts is None or part_number(r) in failed_parts)]
@@ -277,9 +288,7 @@ def _plan(dest: Location, spec: SourceSpec, part_size: int, ref_prefix: str, buc
         _shuffle(dest, None, "entries", [f for f, _ in files], [n for _, n in files], buckets, "buckets", limit)
     first = live.next_part if live is not None else 0
     ctx = _diff_context(dest, index, ref_prefix, live, live_table, unchanged, loose, layout)
-    runs = runs_by_bucket(live.keys, live.key_removed, bucket_of) if live is not None else {}
-    result = diff_buckets(ctx, buckets, first, part_size, runs, live is not None and not live.key_buckets,
-                          [f for f, _ in files], scan_failures)
+    result = diff_buckets(ctx, buckets, first, part_size, runs, scratch, [f for f, _ in files], scan_failures)
     diffs = result.diffs
     seconds["buckets"] = time.time() - t0 - seconds["walk"] - seconds["scan"]
     containers_ref = write_checksummed(dest, ref_prefix, containers_table(rows).cast(CONTAINER_SCHEMA), "containers.parquet")

@@ -343,6 +343,15 @@ def test_nightly_diff_of_containers_reads_only_what_changed(ray_session, tmp_pat
             assert set(record["bucket_modes"]) == {"full"} and plan.key_removed == []
             assert all(len(refs) == 1 for refs in per_bucket.values())
         live = publish_like_a_run(index, name, plan, set())
+    # the gallery outgrew its buckets (more than 2 x run.key_bucket_rows each): the live key rows are re-bucketed
+    dest = index.child("versions", "v000006")
+    plan = make_update_plan(dest, spec, 3, version_file("v000006"), index, live, bucket_rows=2, layout=layout)
+    assert plan.key_buckets == -(-live.counts.seen // 2) > live.key_buckets
+    before = key_rows(index, live)
+    assert plan.update.model_dump() == {"added": 0, "changed": 0, "deleted": 0, "unchanged": before.num_rows}
+    assert plan.parts == 0 and plan.key_removed == [] and not set(plan.keys) & set(live.keys)
+    as_set = lambda t: set(zip(*(t.column(c).to_pylist() for c in KEY_SCHEMA.names)))  # noqa: E731
+    assert as_set(key_rows(index, plan)) == as_set(before)
 
 
 def pq_row_groups(index: Location, ref: FileRef) -> int:
