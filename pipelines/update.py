@@ -29,7 +29,7 @@ from mllm_index.pipelines.index import check_roots, source_spec
 from mllm_index.pipelines.listing import make_update_plan
 from mllm_index.pipelines.summaries import IndexSummary, UpdateSummary
 from mllm_index.pipelines.update_shards import (compact_parts, count_rows, merge_tombstones, part_files, plan_shards,
-                                                stats_files)
+                                                small_deltas, stats_files)
 from mllm_index.storage.contracts import Counts, Manifest, PartStats, Plan, SourceInfo, TrainedRef, version_file
 from mllm_index.storage.faiss_store import default_factory
 from mllm_index.storage.lock import IndexLock
@@ -69,7 +69,7 @@ def _update_locked(cfg: IndexJobConfig, index: Location, lock: IndexLock, option
                                 cfg.run.key_bucket_rows)
     changes = plan.update
     compact_due = options.compact and (any(s.tombstoned for s in manifest.shards)
-                                       or sum(1 for s in manifest.shards if s.delta and s.live < cfg.index.shard_size) > 1)
+                                       or len(small_deltas(manifest.shards, cfg.index.shard_size)) > 1)
     if not (changes.added or changes.changed or changes.deleted or options.retrain or compact_due):
         build.folder.delete()  # nothing to publish: the live version already is the gallery
         return UpdateSummary(live_before=live, update=changes, published=False,

@@ -23,6 +23,7 @@ from mllm_index.pipelines.part_chunks import write_part_files
 from mllm_index.storage.contracts import FileRef, Manifest, PartStats, ShardRef, read_contract, version_file, write_contract
 from mllm_index.storage.faiss_store import stored_ids
 from mllm_index.storage.integrity import load_faiss_verified, read_verified_parquet
+from mllm_index.storage.key_runs import file_rows
 from mllm_index.storage.shard_store import part_file, shard_file
 from mllm_index.storage.shard_vectors import load_ids
 from mllm_index.storage.tombstones import (PART_NAME, TOMBSTONE_SCHEMA, is_in, live_mask, normalise, read_tombstones,
@@ -145,14 +146,8 @@ def compact_parts(index: Location, version_name: str, shards: list[ShardRef], fi
 
 
 def _count_rows(index: Location, refs: dict[int, FileRef]) -> dict[int, int]:
-    """Task: rows of each embeddings part, from the Parquet footers (no data read)."""
-    import pyarrow.parquet as pq
-
-    out = {}
-    for part, ref in refs.items():
-        with index.fs.open(index.path(ref.path), "rb") as f:
-            out[part] = pq.ParquetFile(f).metadata.num_rows
-    return out
+    """Task: rows of each embeddings part, from the Parquet footers (no data read; retried, size checked)."""
+    return {part: file_rows(index, [ref]) for part, ref in refs.items()}
 
 
 def count_rows(index: Location, refs: dict[int, FileRef], per_task: int = 512) -> dict[int, int]:
@@ -175,6 +170,11 @@ class ShardPlan:
     merged: list[ShardRef] = field(default_factory=list)  # small delta shards merged into `groups`
 
 
+def small_deltas(shards: list[ShardRef], shard_size: int) -> list[ShardRef]:
+    """Delta shards below a full shard: merged once there are too many of them (or on --compact)."""
+    return [s for s in shards if s.delta and s.live < shard_size]
+
+
 def plan_shards(shards: list[ShardRef], new_parts: dict[int, int], shard_size: int, part_size: int,
                 compact_fraction: float, max_deltas: int, compact_all: bool) -> ShardPlan:
     """Decide, from counts only, which shards stay, which are compacted, and how the new parts (part ->
@@ -187,7 +187,7 @@ def plan_shards(shards: list[ShardRef], new_parts: dict[int, int], shard_size: i
     for i in range(0, len(order), per_shard):
         group = order[i : i + per_shard]
         units.append((sum(new_parts[p] for p in group), None, group))
-    small = [s for s in shards if s.delta and s.live < shard_size]
+    small = small_deltas(shards, shard_size)
     smalls = len(small) + sum(1 for n, _, _ in units if n < shard_size)
     if smalls > max_deltas or (compact_all and smalls > 1):
         units = [(s.live, s, list(s.parts)) for s in small] + units
