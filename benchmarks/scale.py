@@ -154,10 +154,21 @@ def one_size(n: int, work: Path, per_tar: int, part_size: int) -> dict:
             summary = run_index(cfg) if step == "build" else run_update(cfg)
             wall = time.perf_counter() - t
         row[step] = {"seconds": round(wall, 2), "stages": summary.stage_seconds if hasattr(summary, "stage_seconds") else {},
-                     "peak_rss": dict(rss.peaks), "published": getattr(summary, "published", True)}
+                     "peak_rss": dict(rss.peaks), "published": getattr(summary, "published", True),
+                     "diff": _diff_record(index, summary)}
     row["rerank"] = rerank_step(work, index, per_tar)
     ray.shutdown()
     return row
+
+
+def _diff_record(index: Path, summary) -> dict:
+    """How the update's key buckets were diffed (plan/listing.json): modes and key row groups read."""
+    version = getattr(getattr(summary, "build", None), "version", None) or getattr(summary, "version", None)
+    path = index / "versions" / str(version) / "plan" / "listing.json"
+    if not version or not path.exists():
+        return {}
+    record = json.loads(path.read_text())
+    return {"modes": record.get("bucket_modes", {}), "row_groups": record.get("key_row_groups_read", 0)}
 
 
 def rerank_step(work: Path, index: Path, per_tar: int, queries: int = 200) -> dict:
@@ -196,6 +207,9 @@ def print_table(rows: list[dict]) -> None:
         for step in STEPS:
             s = row[step]
             stages = ", ".join(f"{k} {v:.1f}" for k, v in s["stages"].items())
+            if s.get("diff") and step != "build":
+                modes = "+".join(f"{m} x{n}" for m, n in s["diff"]["modes"].items())
+                stages += f"; buckets {modes}, {s['diff']['row_groups']} key row groups read"
             workers = max((v for k, v in s["peak_rss"].items() if k != "driver"), default=0)
             print(f"| {row['images']:,} | {step} | {s['seconds']:.1f} | {stages} | {mb(s['peak_rss'].get('driver'))} | "
                   f"{mb(workers)} |")
