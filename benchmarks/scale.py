@@ -156,6 +156,10 @@ def one_size(n: int, work: Path, per_tar: int, part_size: int) -> dict:
         row[step] = {"seconds": round(wall, 2), "stages": summary.stage_seconds if hasattr(summary, "stage_seconds") else {},
                      "peak_rss": dict(rss.peaks), "published": getattr(summary, "published", True),
                      "diff": _diff_record(index, summary)}
+    # The rerank job is a Ray job of its own: a fresh session, so that its workers are not processes that ran
+    # the index steps (a reused worker keeps its RSS, and the high-water reset starts from the current RSS).
+    ray.shutdown()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     row["rerank"] = rerank_step(work, index, per_tar)
     ray.shutdown()
     return row
