@@ -30,7 +30,7 @@ from mllm_index.storage.integrity import absent_or_resized, check_present
 from mllm_index.storage.faiss_store import default_factory, train_sample_size
 from mllm_index.storage.lock import IndexLock, leased_versions
 from mllm_index.storage.retry import RetryMeter
-from mllm_index.storage.shard_store import build_shard, finished_shard, part_file, train_version, trained_ref
+from mllm_index.storage.shard_store import build_shard, finished_shard, part_file, part_ref, train_version, trained_ref
 from mllm_index.storage.uris import Location, redact
 from mllm_index.storage.versions import collect_garbage, publish
 
@@ -142,7 +142,7 @@ def part_refs_by_number(version_name: str, parts: dict[int, PartStats], kind: st
     """Each part's file of one kind as its writer recorded it (with checksum); wherever it lives (an
     update's compacted parts are in its folder, referenced parts in earlier ones). A marker written
     before checksums existed gives a reference by path only, verified by size and structure."""
-    return {p: s.files.get(kind) or FileRef(path=version_file(version_name, kind, part_file(p))) for p, s in parts.items()}
+    return {p: part_ref(version_name, p, kind, s.files) for p, s in parts.items()}
 
 
 def shard_groups(parts: list[int], cfg: IndexJobConfig) -> list[list[int]]:

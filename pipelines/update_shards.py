@@ -24,7 +24,7 @@ from mllm_index.storage.contracts import FileRef, Manifest, PartStats, ShardRef,
 from mllm_index.storage.faiss_store import stored_ids
 from mllm_index.storage.integrity import load_faiss_verified, read_verified_parquet
 from mllm_index.storage.key_runs import file_rows
-from mllm_index.storage.shard_store import part_file, shard_file
+from mllm_index.storage.shard_store import part_file, part_ref, shard_file
 from mllm_index.storage.shard_vectors import load_ids
 from mllm_index.storage.tombstones import (PART_NAME, TOMBSTONE_SCHEMA, is_in, live_mask, normalise, read_tombstones,
                                            tombstoned_ids, write_tombstones)
@@ -46,7 +46,7 @@ def part_files(manifest: Manifest) -> dict[int, PartFiles]:
 
 
 def stats_files(version_name: str, stats: PartStats) -> PartFiles:
-    return {k: stats.files.get(k) or FileRef(path=version_file(version_name, k, part_file(stats.part))) for k in KINDS}
+    return {k: part_ref(version_name, stats.part, k, stats.files) for k in KINDS}
 
 
 # -- tombstones ---------------------------------------------------------------------------

@@ -32,9 +32,16 @@ def shard_file(shard: int, ext: str = "faiss") -> str:
     return f"shard-{shard:05d}.{ext}"
 
 
+def part_ref(version_name: str, part: int, kind: str, recorded: dict[str, FileRef] | None = None) -> FileRef:
+    """A part's file of one kind (embeddings, catalog, failures): as its writer recorded it, with its checksum,
+    wherever it lives; else by path in the version's own folder (the index job's layout, or a marker written
+    before checksums existed: verified by size and structure)."""
+    return (recorded or {}).get(kind) or FileRef(path=version_file(version_name, kind, part_file(part)))
+
+
 def own_parts(version_name: str, parts) -> dict[int, FileRef]:
     """References to a version's own embeddings parts (the index job's layout)."""
-    return {p: FileRef(path=version_file(version_name, "embeddings", part_file(p))) for p in parts}
+    return {p: part_ref(version_name, p, "embeddings") for p in parts}
 
 
 def sample_vectors(index: Location, refs: dict[int, FileRef], part_counts: dict[int, int], sample_size: int,
