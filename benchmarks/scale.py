@@ -263,7 +263,9 @@ def main() -> None:
     for n in args.sizes:
         out = subprocess.run([sys.executable, __file__, "--one", str(n), "--shard-images", str(args.shard_images),
                               "--part-size", str(args.part_size), "--workdir", args.workdir],
-                             check=True, capture_output=True, text=True)
+                             capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"{n:,} images: the run failed\n{out.stderr[-4000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{n:,} images done: build {rows[-1]['build']['seconds']} s", flush=True)
         subprocess.run(["rm", "-rf", str(Path(args.workdir) / str(n))], check=True)
