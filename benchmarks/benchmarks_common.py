@@ -20,6 +20,9 @@ def random_crop(img: Image.Image, rng: random.Random, min_fraction: float) -> Im
 
 def make_gallery(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.jpg"):  # a larger earlier run's images would be listed too
+        if not (stale.stem.isdigit() and int(stale.stem) < n):
+            stale.unlink()
     rng = random.Random(seed)
     photos = [Image.open(p).convert("RGB") for p in bundled_photos()]
     paths = []

@@ -81,12 +81,14 @@ def decode_floor(paths: list[Path], prep: dict, workers: int, fn) -> float:
     return time.perf_counter() - t
 
 
-def index_job(gallery: Path, index: Path, model: str, part_size: int) -> dict:
+def index_job(gallery: Path, index: Path, model: str, part_size: int | None) -> dict:
     from mllm_index.configs.schema import IndexJobConfig, load_config
     from mllm_index.pipelines.index import run_index
 
-    cfg = load_config(IndexJobConfig, None, {"source.uri": str(gallery), "index.uri": str(index), "model.name": model,
-                                             "run.part_size": part_size})
+    overrides = {"source.uri": str(gallery), "index.uri": str(index), "model.name": model}
+    if part_size:
+        overrides["run.part_size"] = part_size
+    cfg = load_config(IndexJobConfig, None, overrides)
     t = time.perf_counter()
     summary = run_index(cfg).to_json()
     summary["measured_wall"] = time.perf_counter() - t
@@ -98,7 +100,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--size", type=int, default=1024, help="long side of the gallery JPEGs")
     ap.add_argument("--image-size", type=int, default=224, help="backbone input size")
-    ap.add_argument("--part-size", type=int, default=64)
+    ap.add_argument("--part-size", type=int, default=None, help="run.part_size (default: the job's, 4096)")
     ap.add_argument("--hidden", type=int, default=32, help="tiny embedder width")
     ap.add_argument("--layers", type=int, default=1, help="tiny embedder depth")
     ap.add_argument("--workdir", default="benchmarks/out/throughput")
@@ -132,6 +134,9 @@ def main() -> None:
     ray.shutdown()
 
     n, n_small = len(paths), len(paths) // 4
+    for got, want in ((job_small, n_small), (job, n)):
+        if got["counts"]["seen"] != want:
+            raise SystemExit(f"the job saw {got['counts']['seen']} images, the gallery has {want}: stale files?")
     marginal = (n - n_small) / (job["measured_wall"] - job_small["measured_wall"])
     fixed = job["measured_wall"] - n / marginal
     rows = [
