@@ -97,9 +97,9 @@ def _key_stats(pf: pq.ParquetFile, g: int) -> tuple[str, str] | None:
     return stats.min, stats.max
 
 
-def read_pruned(index: Location, ref: FileRef, want: KeyFilter) -> tuple[pa.Table, int]:
-    """(the rows of `ref` that `want` asks for, row groups read)."""
-    pf = _open(index, ref)
+def read_pruned(index: Location, ref: FileRef, want: KeyFilter, pf: pq.ParquetFile | None = None) -> tuple[pa.Table, int]:
+    """(the rows of `ref` that `want` asks for, row groups read); `pf`: the file, already opened."""
+    pf = pf or _open(index, ref)
     groups = []
     for g in range(pf.metadata.num_row_groups):
         span = _key_stats(pf, g)
@@ -125,10 +125,20 @@ def without_pairs(table: pa.Table, pairs: pa.Table) -> pa.Table:
 
 @dataclass
 class BucketRuns:
-    """One bucket of a live version: its key files (base first) and removed files."""
+    """One bucket of a live version: its key files (base first) and removed files. A task opens each
+    key file once (its footer serves the compaction check, the pruned read and the row count)."""
 
     files: list[FileRef]
     removed: list[FileRef]
+    _opened: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _file(self, index: Location, ref: FileRef) -> pq.ParquetFile:
+        if ref.path not in self._opened:
+            self._opened[ref.path] = _open(index, ref)
+        return self._opened[ref.path]
+
+    def _rows(self, index: Location, refs: list[FileRef]) -> int:
+        return sum(self._file(index, ref).metadata.num_rows for ref in refs)
 
     def compact_due(self, index: Location, layout: KeyLayout) -> bool:
         """Whether a diff should read the bucket whole and write it back as one base."""
@@ -136,7 +146,7 @@ class BucketRuns:
             return True
         if len(self.files) <= 1 and not self.removed:
             return False
-        base, rest, dead = file_rows(index, self.files[:1]), file_rows(index, self.files[1:]), file_rows(index, self.removed)
+        base, rest, dead = self._rows(index, self.files[:1]), self._rows(index, self.files[1:]), self._rows(index, self.removed)
         return rest + dead > layout.compact_fraction * max(1, base + rest - dead)
 
     def live_rows(self, index: Location, schema: pa.Schema, want: KeyFilter | None = None) -> tuple[pa.Table, int, int]:
@@ -149,11 +159,11 @@ class BucketRuns:
             return table, table.num_rows, -1
         tables, groups = [], 0
         for f in self.files:
-            rows, n = read_pruned(index, f, want)
+            rows, n = read_pruned(index, f, want, self._file(index, f))
             tables.append(rows.cast(schema))
             groups += n
         table = without_pairs(pa.concat_tables(tables) if tables else schema.empty_table(), pairs)
-        return table, file_rows(index, self.files) - pairs.num_rows, groups
+        return table, self._rows(index, self.files) - pairs.num_rows, groups
 
 
 def runs_by_bucket(keys: list[FileRef], removed: list[FileRef], bucket_of) -> dict[int, BucketRuns]:
