@@ -24,7 +24,6 @@ inside each), but not the whole file's sha256, which would mean reading the whol
 from __future__ import annotations
 
 import io
-import posixpath
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -51,22 +50,6 @@ assert SCHEMA.names == COLUMNS
 
 def shard_catalog_name(shard: int) -> str:
     return f"shard-{shard:05d}.catalog.parquet"
-
-
-def catalog_siblings(embeddings: Iterable[FileRef]) -> list[FileRef]:
-    """The catalog part beside each embeddings part (`versions/V/embeddings/part-N.parquet` ->
-    `versions/V/catalog/part-N.parquet`): a part's files are written together, in one folder per
-    kind, wherever the part lives (a version's own parts, an update's new or compacted parts). By
-    path only: the writer checks the rows' ids against the shard's instead."""
-    out = []
-    for ref in embeddings:
-        folder, name = posixpath.split(ref.path)
-        parent, kind = posixpath.split(folder)
-        if kind != "embeddings":
-            raise ValueError(f"{ref.path}: not an embeddings part (expected .../embeddings/{name}); pass the shard's "
-                             "catalog parts explicitly")
-        out.append(FileRef(path=posixpath.join(parent, "catalog", name)))
-    return out
 
 
 def shard_catalog_table(index: Location, parts: Sequence[FileRef], ids: np.ndarray, shard: int) -> pa.Table:

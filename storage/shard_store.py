@@ -17,7 +17,7 @@ from mllm_index.storage.catalog import embeddings_from_table
 from mllm_index.storage.contracts import FileRef, ShardRef, TrainedRef, read_contract, version_file, write_contract
 from mllm_index.storage.integrity import digest, load_faiss_verified, read_verified_parquet
 from mllm_index.storage.faiss_store import add_vectors, index_to_bytes, train_index
-from mllm_index.storage.shard_catalog import catalog_siblings, write_shard_catalog
+from mllm_index.storage.shard_catalog import write_shard_catalog
 from mllm_index.storage.shard_vectors import write_shard_vectors
 from mllm_index.storage.uris import Location
 
@@ -90,18 +90,16 @@ def trained_ref(index: Location, version_name: str) -> TrainedRef | None:
 
 def build_shard(index: Location, version_name: str, shard: int, parts: list[int], use_gpu: bool,
                 trained: FileRef | None = None, embeddings: list[FileRef] | None = None, delta: bool = False,
-                catalog: list[FileRef] | None = None, with_catalog: bool = True) -> ShardRef:
+                catalog: list[FileRef] | None = None) -> ShardRef:
     """The trained index (this version's, or `trained` from another folder: an update's delta shards
     go on the live training) + all vectors of `parts` (`embeddings`: their files, wherever they are);
     writes the shard into this version's folder, then its marker.
 
     With the shard go its catalog rows (storage/shard_catalog.py), from `catalog` (the parts' catalog
-    files) or, by default, the catalog part beside each embeddings part; `with_catalog=False` for
-    vectors published without a catalog (`publish_vectors`)."""
+    files, wherever they are); None for vectors published without a catalog (`publish_vectors`)."""
     version = index.child("versions", version_name)
     trained_index = load_faiss_verified(index, trained or trained_ref(index, version_name).file)
     refs = embeddings if embeddings is not None else list(own_parts(version_name, parts).values())
-    catalog_refs = (catalog if catalog is not None else catalog_siblings(refs)) if with_catalog else None
     ids, vecs = [], []
     for ref in refs:
         part_ids, part_vecs = embeddings_from_table(read_verified_parquet(index, ref))
@@ -116,7 +114,7 @@ def build_shard(index: Location, version_name: str, shard: int, parts: list[int]
     ids_ref, vectors_ref = write_shard_vectors(version, version_name, shard, ids, vecs)
     del vecs
     # Its catalog rows, checked to be exactly its ids: a candidate's row is read from the shard that returned it.
-    catalog_ref = write_shard_catalog(index, version_name, shard, catalog_refs, ids) if catalog_refs is not None else None
+    catalog_ref = write_shard_catalog(index, version_name, shard, catalog, ids) if catalog is not None else None
     data = index_to_bytes(filled)
     version.write_bytes(data, "shards", shard_file(shard))
     ref = ShardRef(file=digest(version_file(version_name, "shards", shard_file(shard)), data), shard=shard, parts=parts,
@@ -162,7 +160,7 @@ def publish_vectors(index: Location, ids: np.ndarray, vectors: np.ndarray, facto
                             seed=0, use_gpu=True, refs=refs)
     parts = sorted(counts)
     groups = [parts[i : i + parts_per_shard] for i in range(0, len(parts), parts_per_shard)]
-    shards = [build_shard(index, name, s, group, use_gpu=True, embeddings=[refs[p] for p in group], with_catalog=False)
+    shards = [build_shard(index, name, s, group, use_gpu=True, embeddings=[refs[p] for p in group])
               for s, group in enumerate(groups)]
     publish(index, Manifest(version=name, parent=index.read_json("versions", name, "run.json").get("parent"),
                             metric=metric, dim=int(vectors.shape[1]), factory=factory, shards=shards,
