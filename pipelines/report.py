@@ -70,13 +70,12 @@ def candidate_rows(out: Location, index: Location, version: str, wanted: dict[in
     before both from the version's whole catalog."""
     ids = np.array(sorted(wanted), np.int64)
     shards = np.array([wanted[i] for i in ids.tolist()], np.int64)
-    if len(ids) and (shards >= 0).all():
-        manifest = read_manifest(index, version)
-        if has_shard_catalogs(manifest.shards):
-            return ShardCatalogs(index, manifest.shards).lookup(ids, shards)
+    manifest = read_manifest(index, version)
+    if len(ids) and (shards >= 0).all() and has_shard_catalogs(manifest.shards):
+        return ShardCatalogs(index, manifest.shards).lookup(ids, shards)
     if out.exists(FOLDER, INDEX):  # the run's catalog by id: only the shown candidates' buckets are read
         return CatalogBuckets(out).lookup(ids)
-    return Catalog(index, read_manifest(index, version)).lookup(ids)  # the version's catalog, read whole
+    return Catalog(index, manifest).lookup(ids)  # the version's catalog, read whole
 
 
 def write_report(results_uri: str, ground_truth_uri: str | None = None, queries: int = 12, top: int = 8,
