@@ -45,7 +45,7 @@ class DiffContext:
     dest: Location
     index: Location | None
     ref_prefix: str
-    unchanged: frozenset[str]  # containers not opened: their live rows are carried
+    unchanged: pa.Array  # uris of the containers not opened (their live rows are carried), built once per run
     delta: bool  # the delta diff is possible for this run (see the module docstring)
     layout: KeyLayout
     ranges: list[tuple[str, str]] = field(default_factory=list)  # key ranges of changed and gone containers
@@ -106,7 +106,7 @@ def diff_task(ctx: DiffContext, bucket: int, files: list[dict], removed: list[di
     else:
         mode, (live, total, _) = "full", runs.live_rows(ctx.index, KEY_SCHEMA)
     live, dropped = drop_failed(live, failed)
-    next_rows, removed_rows, failures, counts = diff_bucket(listed, live, set(ctx.unchanged))
+    next_rows, removed_rows, failures, counts = diff_bucket(listed, live, ctx.unchanged)
     changes = bool(counts["added"] or counts["changed"] or counts["deleted"] or dropped.num_rows)
     if mode == "delta":  # the diff saw only the rows a change touches; the others are live and unchanged
         counts["unchanged"] = total - dropped.num_rows - counts["deleted"] - counts["changed"]

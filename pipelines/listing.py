@@ -237,7 +237,7 @@ def _diff_context(dest: Location, index: Location | None, ref_prefix: str, live:
             delta = False
             break
         ranges.append((row["min_key"], row["max_key"]))
-    return DiffContext(dest=dest, index=index, ref_prefix=ref_prefix, unchanged=frozenset(unchanged), delta=delta,
+    return DiffContext(dest=dest, index=index, ref_prefix=ref_prefix, unchanged=pa.array(sorted(unchanged), pa.string()), delta=delta,
                        layout=layout, ranges=sorted(ranges) if delta else [])
 
 

@@ -126,16 +126,16 @@ def as_next(table: pa.Table, part: int | None = None) -> pa.Table:
     return pa.table(cols, schema=NEXT_SCHEMA)
 
 
-def diff_bucket(listed: pa.Table, live: pa.Table, unchanged: set[str]) -> tuple[pa.Table, pa.Table, pa.Table, dict]:
+def diff_bucket(listed: pa.Table, live: pa.Table, unchanged: pa.Array) -> tuple[pa.Table, pa.Table, pa.Table, dict]:
     """One bucket's nightly diff: (next rows, removed (image_id, part), duplicate_key failures, counts).
 
     `listed`: entries listed this run (changed and new containers, all loose files); `live`: the live key
-    rows of the bucket; `unchanged`: uris of containers not opened because their etag and size did not
-    change: their live rows are carried as they are. Added: a key not live; changed: etag or length
+    rows of the bucket; `unchanged`: a string array of the uris of containers not opened because their
+    etag and size did not change (built once per run): their live rows are carried as they are. Added: a key not live; changed: etag or length
     differs; deleted: a live key no longer listed. Next rows: unchanged live rows with their part, added
     and changed entries with part -1 (to be planned).
     """
-    carried_mask = pc.is_in(live.column("uri"), value_set=pa.array(sorted(unchanged), pa.string()))
+    carried_mask = pc.is_in(live.column("uri"), value_set=unchanged)
     candidates = pa.concat_tables([as_next(listed), as_next(live.filter(carried_mask))])
     kept, failures = first_by_location(candidates)
     if not live.num_rows:  # a first build, or a bucket that was empty: everything listed is added
