@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import threading
 import time
 
@@ -60,8 +61,7 @@ def init_ray(address: str | None, connect_timeout_s: float = 60.0) -> None:
     if ray.is_initialized():
         return
     target, origin = choose_address(address)
-    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-    options = dict(logging_level=logging.WARNING, runtime_env={"env_vars": env_vars} if env_vars else None)
+    options = dict(logging_level=logging.WARNING, runtime_env=forwarded_runtime_env())
     if target is None:
         log.info("starting a local Ray (no run.ray_address, no $RAY_ADDRESS)")
         # "local", not None: None would make Ray join whatever cluster its temp dir records.
@@ -78,12 +78,51 @@ def init_ray(address: str | None, connect_timeout_s: float = 60.0) -> None:
     watchdog = threading.Timer(max(deadline - time.monotonic(), 0.0), _give_up, args=(failure,))
     watchdog.daemon = True
     watchdog.start()
+    cwd = os.getcwd()
     try:
         ray.init(address=target, **options)
     except Exception as exc:  # Ray's own connect errors, whatever their type, become one with the address
         raise ClusterUnreachable(f"could not join the Ray cluster at {shown}: {exc}") from exc
     finally:
         watchdog.cancel()
+    return_to(cwd)
+
+
+def return_to(cwd: str, wait_s: float = 10.0) -> None:
+    """Re-enter the driver's working directory if joining deleted it.
+
+    Inside `ray job submit` the driver runs in the job's extracted working_dir. When the driver joins,
+    Ray installs the job's runtime env on every node; a node that shares the head's Ray temp dir (two
+    `ray start` on one machine) extracts the package again under the same path, deleting the driver's
+    directory under it: the next relative path (`import transformers` resolves one) fails with
+    FileNotFoundError. The fresh copy appears under the same path; wait for it, else go to the temp dir."""
+    try:
+        os.getcwd()
+        return
+    except FileNotFoundError:
+        pass
+    deadline = time.monotonic() + wait_s
+    while not os.path.isdir(cwd) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    else:
+        log.warning("the working directory %s was deleted while joining the cluster; continuing in %s", cwd,
+                    tempfile.gettempdir())
+        os.chdir(tempfile.gettempdir())
+
+
+def forwarded_runtime_env() -> dict | None:
+    """The FORWARDED_ENV variables set here, as a runtime_env for the workers; None inside `ray job submit`.
+
+    In a submitted job the submitter's runtime_env is the workers' environment (env vars go in
+    `--runtime-env-json`; workers also inherit the nodes' own), and Ray refuses a driver runtime_env
+    that sets a variable the job's also sets (the entrypoint inherits the job's variables, so
+    forwarding them would do exactly that)."""
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # set by Ray's job manager for the entrypoint
+        return None
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    return {"env_vars": env_vars} if env_vars else None
 
 
 def _resolve(target: str, origin: str) -> tuple[str, int, str]:

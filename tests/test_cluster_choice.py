@@ -138,3 +138,28 @@ def test_an_address_that_is_not_a_gcs_address_fails_naming_it():
     for address, expected in (("http://127.0.0.1:8265", "job server's"), ("127.0.0.1", "Invalid address format"), ("ray://head", "expected host:port")):
         with pytest.raises(ClusterUnreachable, match=re.escape(address) + ".*" + re.escape(expected)):
             init_ray(address, connect_timeout_s=1)
+
+
+def test_inside_a_submitted_job_no_runtime_env_is_added(monkeypatch):
+    """Ray refuses a driver runtime_env that repeats a variable of the job's, and the entrypoint inherits them."""
+    from mllm_index.pipelines.cluster import forwarded_runtime_env
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert forwarded_runtime_env()["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", '{"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}}}')
+    assert forwarded_runtime_env() is None
+
+
+def test_a_working_directory_deleted_while_joining_is_entered_again(tmp_path, monkeypatch):
+    """What Ray does to a submitted job's driver when another node on the machine re-extracts the working_dir."""
+    from mllm_index.pipelines.cluster import return_to
+
+    work = tmp_path / "job"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    shutil.rmtree(work)
+    threading.Timer(0.3, work.mkdir).start()  # the fresh copy, under the same path
+    return_to(str(work), wait_s=5)
+    assert os.getcwd() == str(work)
+    monkeypatch.chdir(tmp_path)
