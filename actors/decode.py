@@ -215,7 +215,7 @@ def _open(data: bytes, max_pixels: int, max_bytes: int, draft_long_side: int | N
         try:
             if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientations that swap the axes
                 width, height = height, width
-            img = ImageOps.exif_transpose(img) or img
+            ImageOps.exif_transpose(img, in_place=True)  # no copy of an image that is already upright
         except Exception:
             pass  # a malformed EXIF block only loses the orientation hint, never the image
         deadline.check("orientation")
@@ -272,12 +272,19 @@ def _decode(data: bytes, image_size: int, max_pixels: int, max_bytes: int, bbox,
     return np.asarray(img, dtype=np.uint8), width, height, kept
 
 
-def letterbox(pixels: np.ndarray, image_size: int, fill: tuple[int, int, int]) -> np.ndarray:
-    """Centre an image in an SxS canvas of the fill colour (keeps all content, no crop)."""
-    canvas = np.empty((image_size, image_size, 3), dtype=np.uint8)
-    canvas[:] = fill
+def letterbox(pixels: np.ndarray, image_size: int, fill: tuple[int, int, int], out: np.ndarray | None = None) -> np.ndarray:
+    """Centre an image in an SxS canvas of the fill colour (keeps all content, no crop).
+
+    `out`: the canvas to write (a row of the batch's array), so the image is copied once and
+    only the bands around it are filled (filling the whole canvas first cost as much as the copy)."""
+    canvas = np.empty((image_size, image_size, 3), dtype=np.uint8) if out is None else out
     h, w = pixels.shape[:2]
     top, left = (image_size - h) // 2, (image_size - w) // 2
+    colour = np.asarray(fill, np.uint8)
+    canvas[:top] = colour
+    canvas[top + h :] = colour
+    canvas[top : top + h, :left] = colour
+    canvas[top : top + h, left + w :] = colour
     canvas[top : top + h, left : left + w] = pixels
     return canvas
 
@@ -308,7 +315,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, fill: tuple[i
             bbox = batch["bbox"][i] if "bbox" in batch else None
             arr, width[i], height[i], kept[i] = within_time(
                 timeout_s, lambda deadline: _decode(data, image_size, max_pixels, max_bytes, bbox, deadline, keep_max_pixels))
-            pixels[i] = letterbox(arr, image_size, fill)
+            letterbox(arr, image_size, fill, out=pixels[i])
             ok[i] = True
         except DecodeFailure as exc:
             stage[i], error_type[i], message[i] = "decode", exc.error_type, str(exc)[:500]

@@ -156,6 +156,19 @@ def task_gpus(cfg: IndexJobConfig) -> int:
     return 1 if gpus >= 1 else 0
 
 
+def largest_node_cpus() -> int:
+    return max([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")] + [1])
+
+
+def train_on_held_cpus(*args) -> TrainedRef:
+    """`train_version` with FAISS using one OpenMP thread per CPU the task holds: Ray starts its workers
+    with one, and k-means is the job's only work while it runs (0.48 s -> 0.25 s on 2 cores, 2,000 vectors)."""
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    return train_version(*args)
+
+
 def build_shards(build: VersionBuild, groups: dict[int, list[int]], embeddings: dict[int, FileRef],
                  catalogs: dict[int, FileRef], trained: FileRef, deltas: Collection[int] = ()) -> dict[int, ShardRef]:
     """Fill shards {number: parts} from the parts' embeddings and catalog files (in any folder) on `trained`,
@@ -189,8 +202,8 @@ def build_index(build: VersionBuild, parts: dict[int, PartStats], factory: str, 
         made = trained_ref(build.index, build.name)
         if made is None:
             sample = train_sample_size(factory, sum(counts.values()), cfg.index.train_sample_max)
-            gpus = task_gpus(cfg)
-            task = ray.remote(num_cpus=1, num_gpus=gpus)(train_version)
+            gpus = task_gpus(cfg)  # on a GPU the k-means runs there; on CPUs it takes a whole node
+            task = ray.remote(num_cpus=1 if gpus else largest_node_cpus(), num_gpus=gpus)(train_on_held_cpus)
             made = ray.get(task.remote(build.index, build.name, counts, factory, cfg.index.metric, sample, cfg.run.seed,
                                        gpus > 0, refs))
     groups = {first_shard + i: g for i, g in enumerate(shard_groups(sorted(counts), cfg))}

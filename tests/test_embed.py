@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mllm_index.actors.embed import EmbedImages, load_preprocessing
+from mllm_index.actors.embed import EmbedImages, fold_normalisation, load_preprocessing
 
 
 def pixels(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -108,3 +108,60 @@ def test_a_checkpoint_that_does_not_fit_is_an_error_not_random_weights(tiny_dino
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="missing or of the wrong shape"):
         make(str(broken))
+
+
+def test_normalisation_is_folded_into_the_patch_embedding(tiny_dinov2, tiny_clip, tiny_siglip):
+    """The three backbones above match transformers with the fold in place; here: it is in place."""
+    for model in (tiny_dinov2, tiny_clip, tiny_siglip):
+        assert make(model)[0].folded, model
+
+
+class _Output:
+    def __init__(self, hidden):
+        self.last_hidden_state = hidden
+
+
+class _ConvNet(torch.nn.Module):
+    """The transformers calling convention (`pixel_values=`), with a first conv we choose."""
+
+    def __init__(self, padding: int, peek: bool = False):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 4, stride=4, padding=padding)
+        self.peek = peek
+
+    def forward(self, pixel_values):
+        hidden = self.conv(pixel_values).flatten(2).transpose(1, 2)
+        if self.peek:  # a model that also reads the pixels elsewhere: folding would change its output
+            hidden = hidden + pixel_values.mean()
+        return _Output(hidden)
+
+
+@pytest.mark.parametrize("padding, peek, folds", [(0, False, True), (1, False, False), (0, True, False)])
+def test_folding_only_where_the_output_stays_the_same(padding, peek, folds):
+    torch.manual_seed(0)
+    net = _ConvNet(padding, peek).eval()
+    mean = torch.tensor([0.485, 0.456, 0.406]) * 255
+    inv_std = 1 / (torch.tensor([0.229, 0.224, 0.225]) * 255)
+    raw = torch.from_numpy(pixels(2, 16).astype(np.float32)).permute(0, 3, 1, 2)
+    normalised = (raw - mean.view(1, 3, 1, 1)) * inv_std.view(1, 3, 1, 1)
+    with torch.no_grad():
+        want = net(pixel_values=normalised).last_hidden_state
+        weight = net.conv.weight.clone()
+        assert fold_normalisation(net, mean, inv_std, 16) is folds
+        if folds:
+            torch.testing.assert_close(net(pixel_values=raw).last_hidden_state, want, rtol=1e-4, atol=1e-4)
+        else:  # left exactly as it was
+            assert torch.equal(net.conv.weight, weight)
+            torch.testing.assert_close(net(pixel_values=normalised).last_hidden_state, want)
+
+
+def test_stage_modules_do_not_import_torch():
+    """Every Ray worker that runs a plan read, decode or writer task unpickles functions from these
+    modules: importing torch and transformers there cost ~2 s of CPU per worker at each job's start."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mllm_index.pipelines.stages, mllm_index.pipelines.part_chunks, mllm_index.actors.registry; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
