@@ -18,6 +18,7 @@ from PIL import Image
 from mllm_index.actors.embed import PixelEmbedder
 from mllm_index.storage.contracts import FileRef, ModelSpec, Preprocessing, version_file
 from mllm_index.storage.integrity import digest
+from mllm_index.storage.shard_vectors import load_npy
 
 SIFT_VLAD, SIFT_RANSAC = "classic:sift-vlad", "classic:sift-ransac"
 CODEBOOK = "classic/vlad_codebook.npy"
@@ -69,7 +70,7 @@ def codebook_bytes(centroids: np.ndarray) -> bytes:
 
 
 def codebook_from_bytes(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)  # plain array: no pickle is ever loaded
+    return load_npy(data)  # plain array: no pickle is ever loaded
 
 
 def vlad(descriptors: np.ndarray, centroids: np.ndarray) -> np.ndarray:

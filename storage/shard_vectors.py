@@ -17,6 +17,7 @@ import hashlib
 import io
 import os
 import tempfile
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +29,11 @@ from mllm_index.storage.integrity import IntegrityError, digest, read_verified, 
 from mllm_index.storage.tombstones import is_in, shard_tombstoned_ids
 from mllm_index.storage.uris import Location
 
+# numpy parses a .npy header with ast.literal_eval, and CPython's AST constructor keeps its recursion
+# depth in per-interpreter state: two threads building ASTs at once can fail with "SystemError: AST
+# constructor recursion depth mismatch" (CPython gh-106905). Seen in CI: `verify`, which reads files in a
+# thread pool, reported a sound vectors file as unreadable. Every .npy header here is parsed under this lock.
+_NPY_HEADER = threading.Lock()
 COPY_CHUNK = 8 << 20  # bytes per read while copying and hashing: bounds the copy's memory
 PAIR_CHUNK = 1024  # (query, candidate) pairs scored at once: bounds the re-score's memory (~6 MB at dim 384)
 READ_THREADS, READ_RUNS_PER_THREAD = 8, 256  # positioned reads in flight, for files not in the page cache
@@ -56,11 +62,17 @@ def write_shard_vectors(version: Location, version_name: str, shard: int, ids: n
     return refs[0], refs[1]
 
 
+def load_npy(data: bytes) -> np.ndarray:
+    """An array from .npy bytes, never a pickle, safe to call from several threads at once (`_NPY_HEADER`)."""
+    with _NPY_HEADER:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+
+
 def load_ids(index: Location, ref: FileRef) -> np.ndarray:
     """A shard's sorted ids, verified (checksum, dtype, shape, order)."""
     data = read_verified(index, ref)
     try:
-        ids = np.load(io.BytesIO(data), allow_pickle=False)
+        ids = load_npy(data)
     except (ValueError, OSError) as exc:
         raise IntegrityError(f"{where(index, ref)}: not a readable .npy file ({exc})") from None
     if ids.dtype != np.int64 or ids.ndim != 1 or (len(ids) > 1 and not (ids[1:] > ids[:-1]).all()):
@@ -154,7 +166,8 @@ class VectorFile:
                 if version not in ((1, 0), (2, 0)):
                     raise ValueError(f"unsupported .npy format version {version}")
                 read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read_header(f)
+                with _NPY_HEADER:
+                    shape, fortran, dtype = read_header(f)
                 self.offset = f.tell()
         except ValueError as exc:
             os.close(self.fd)

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from mllm_index.storage.contracts import FileRef, Manifest, ShardRef
 from mllm_index.storage.integrity import IntegrityError, read_verified, where
 from mllm_index.storage.shard_catalog import COLUMNS as SHARD_CATALOG_COLUMNS
-from mllm_index.storage.shard_vectors import load_ids
+from mllm_index.storage.shard_vectors import load_ids, load_npy
 from mllm_index.storage.tombstones import is_in, read_tombstone_file
 from mllm_index.storage.uris import Location, redact
 from mllm_index.storage.versions import is_published, list_versions, read_latest, read_manifest
@@ -124,7 +124,7 @@ def _check_file(index: Location, ref: FileRef, kind: str, manifest: Manifest, sh
                 raise ValueError(f"dimension {faiss_index.d} (manifest: {manifest.dim}), trained={faiss_index.is_trained}")
             return int(faiss_index.ntotal), len(data)
         if kind == "array":
-            np.load(io.BytesIO(data), allow_pickle=False)
+            load_npy(data)
             return 0, len(data)
         columns = {"embeddings": ["image_id", "embedding"], "catalog": ["image_id", "key", "uri", "offset", "length"],
                    "failures": ["uri", "stage", "error_type"]}[kind]
