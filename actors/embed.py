@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import json
 import logging
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -153,10 +152,12 @@ def fold_normalisation(model, mean, inv_std, image_size: int) -> bool:
 
         def out(pixels):
             o = model(pixel_values=pixels)
-            return torch.cat([t.flatten(1) for t in (getattr(o, "image_embeds", None), getattr(o, "pooler_output", None),
-                                                     o.last_hidden_state) if t is not None], 1)
+            parts = [getattr(o, name, None) for name in ("image_embeds", "pooler_output", "last_hidden_state")]
+            return torch.cat([t.flatten(1) for t in parts if t is not None], 1) if any(t is not None for t in parts) else None
 
         want = out(normalised)
+        if want is None:  # nothing to compare the folded model's output with
+            return False
         weight, bias = conv.weight.detach().clone(), None if conv.bias is None else conv.bias.detach().clone()
         shift = (weight * (mean * inv_std).view(1, -1, 1, 1).to(weight.dtype)).sum((1, 2, 3))
         conv.weight.copy_(weight * inv_std.view(1, -1, 1, 1).to(weight.dtype))
@@ -233,19 +234,16 @@ class EmbedImages(PixelEmbedder):
         import torch
 
         with torch.inference_mode():
-            return self._forward(torch, pixels)
-
-    def _forward(self, torch, pixels: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)  # uint8 upload: 4x less than float
-        x = x.float() if self.folded else x.float().sub_(self.mean).mul_(self.inv_std)
-        x = x.permute(0, 3, 1, 2)
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            out = self.model(pixel_values=x)
-            if self.pooling == "auto":
-                vec = getattr(out, "image_embeds", None)
-                if vec is None:
-                    vec = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
-            else:
-                vec = pool_tokens(out.last_hidden_state, self.pooling, self.prefix_tokens, self.gem_p)
-        vec = torch.nn.functional.normalize(vec.float(), dim=-1)
-        return vec.cpu().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)  # uint8 upload: 4x less than float
+            x = x.float() if self.folded else x.float().sub_(self.mean).mul_(self.inv_std)
+            x = x.permute(0, 3, 1, 2)
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                out = self.model(pixel_values=x)
+                if self.pooling == "auto":
+                    vec = getattr(out, "image_embeds", None)
+                    if vec is None:
+                        vec = out.pooler_output if getattr(out, "pooler_output", None) is not None else out.last_hidden_state[:, 0]
+                else:
+                    vec = pool_tokens(out.last_hidden_state, self.pooling, self.prefix_tokens, self.gem_p)
+            vec = torch.nn.functional.normalize(vec.float(), dim=-1)
+            return vec.cpu().numpy()
