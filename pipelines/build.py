@@ -165,8 +165,12 @@ def train_on_held_cpus(*args) -> TrainedRef:
     with one, and k-means is the job's only work while it runs (0.48 s -> 0.25 s on 2 cores, 2,000 vectors)."""
     import faiss
 
+    before = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    return train_version(*args)
+    try:
+        return train_version(*args)
+    finally:  # the worker process is reused: a later 1-CPU shard task must not inherit the node's thread count
+        faiss.omp_set_num_threads(before)
 
 
 def build_shards(build: VersionBuild, groups: dict[int, list[int]], embeddings: dict[int, FileRef],

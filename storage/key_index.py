@@ -130,9 +130,9 @@ def diff_bucket(listed: pa.Table, live: pa.Table, unchanged: pa.Array) -> tuple[
     """One bucket's nightly diff: (next rows, removed (image_id, part), duplicate_key failures, counts).
 
     `listed`: entries listed this run (changed and new containers, all loose files); `live`: the live key
-    rows of the bucket; `unchanged`: a string array of the uris of containers not opened because their
-    etag and size did not change (built once per run): their live rows are carried as they are. Added: a key not live; changed: etag or length
-    differs; deleted: a live key no longer listed. Next rows: unchanged live rows with their part, added
+    rows of the bucket; `unchanged`: a string array (built once per run) of the uris of containers not
+    opened because their etag and size did not change: their live rows are carried as they are. Added:
+    a key not live; changed: etag or length differs; deleted: a live key no longer listed. Next rows: unchanged live rows with their part, added
     and changed entries with part -1 (to be planned).
     """
     carried_mask = pc.is_in(live.column("uri"), value_set=unchanged)

@@ -32,7 +32,8 @@ from mllm_index.storage.uris import Location
 # numpy parses a .npy header with ast.literal_eval, and CPython's AST constructor keeps its recursion
 # depth in per-interpreter state: two threads building ASTs at once can fail with "SystemError: AST
 # constructor recursion depth mismatch" (CPython gh-106905). Seen in CI: `verify`, which reads files in a
-# thread pool, reported a sound vectors file as unreadable. Every .npy header here is parsed under this lock.
+# thread pool, reported a sound vectors file as unreadable. Every .npy header here is parsed under this lock
+# (`npy_header`); the data is read outside it.
 _NPY_HEADER = threading.Lock()
 COPY_CHUNK = 8 << 20  # bytes per read while copying and hashing: bounds the copy's memory
 PAIR_CHUNK = 1024  # (query, candidate) pairs scored at once: bounds the re-score's memory (~6 MB at dim 384)
@@ -62,10 +63,28 @@ def write_shard_vectors(version: Location, version_name: str, shard: int, ids: n
     return refs[0], refs[1]
 
 
-def load_npy(data: bytes) -> np.ndarray:
-    """An array from .npy bytes, never a pickle, safe to call from several threads at once (`_NPY_HEADER`)."""
+def npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy file open at its start; leaves `f` at the first data byte.
+    The header's parse holds `_NPY_HEADER`, the rest (the data) does not."""
+    version = np.lib.format.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f"unsupported .npy format version {version}")
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
     with _NPY_HEADER:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        return read_header(f)
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """A (writable) array from .npy bytes; never a pickle: object dtypes are refused."""
+    f = io.BytesIO(data)
+    shape, fortran, dtype = npy_header(f)
+    if dtype.hasobject:
+        raise ValueError("object arrays are not loaded (they are pickles)")
+    try:
+        view = np.ndarray(shape, dtype, buffer=data, offset=f.tell(), order="F" if fortran else "C")
+    except TypeError as exc:  # the buffer is shorter than the header says
+        raise ValueError(f"truncated .npy data: {exc}") from None
+    return view.copy(order="K")
 
 
 def load_ids(index: Location, ref: FileRef) -> np.ndarray:
@@ -162,12 +181,7 @@ class VectorFile:
         self.fd = os.open(path, os.O_RDONLY)
         try:
             with open(path, "rb") as f:
-                version = np.lib.format.read_magic(f)
-                if version not in ((1, 0), (2, 0)):
-                    raise ValueError(f"unsupported .npy format version {version}")
-                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                with _NPY_HEADER:
-                    shape, fortran, dtype = read_header(f)
+                shape, fortran, dtype = npy_header(f)
                 self.offset = f.tell()
         except ValueError as exc:
             os.close(self.fd)
